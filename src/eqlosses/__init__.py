@@ -1,0 +1,20 @@
+"""eqlosses: the equalization losses for long-tailed recognition (arXiv:2210.05566).
+
+The core (this package's ``stats``, ``functional``, ``losses`` and ``distributed`` modules)
+depends on torch alone.
+"""
+
+from .losses import (LOSSES, BalancedSoftmaxLoss, BCELoss, CrossEntropyLoss, EQLLoss,
+                     EQLSoftmaxLoss, EqualizedFocalLoss, EqualizedQualityFocalLoss,
+                     FederatedLoss, FocalLoss, SeesawLoss, SigmoidEQLLoss, SoftmaxEQLLoss,
+                     build_loss)
+from .stats import GradientStatistics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BCELoss", "BalancedSoftmaxLoss", "CrossEntropyLoss", "EQLLoss", "EQLSoftmaxLoss",
+    "EqualizedFocalLoss", "EqualizedQualityFocalLoss", "FederatedLoss", "FocalLoss",
+    "GradientStatistics", "LOSSES", "SeesawLoss", "SigmoidEQLLoss", "SoftmaxEQLLoss",
+    "build_loss", "__version__",
+]

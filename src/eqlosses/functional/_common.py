@@ -1,0 +1,197 @@
+"""Input validation, the closed-form autograd node and the package's one reduction helper."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch.autograd.function import once_differentiable
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float16/bfloat16 logits are computed in float32; float32/float64 as they are."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def check_logits(logits: torch.Tensor, channels: int, what: str, spatial: bool = False) -> None:
+    """``logits`` must be a floating tensor ``[N, channels]`` (or ``[N, channels, *]``)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+    shape = "[N, C]" if not spatial else "[N, C] or [N, C, *]"
+    if logits.dim() < 2 or (not spatial and logits.dim() != 2):
+        raise ValueError(f"logits must have shape {shape}, got {tuple(logits.shape)}")
+    if logits.shape[1] != channels:
+        raise ValueError(
+            f"logits have {logits.shape[1]} channels in dim 1, but {what} expects {channels}"
+        )
+
+
+def check_targets(
+    targets: torch.Tensor,
+    logits: torch.Tensor,
+    high: int,
+    ignore_index: int,
+    what: str,
+) -> torch.Tensor:
+    """Validate integer class-index targets and return them as int64.
+
+    Targets must have shape ``[N]`` (or ``[N, *]`` matching ``logits [N, C, *]``), live on the
+    logits' device and hold values in ``[0, high]`` or ``ignore_index``.
+    """
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(
+            f"targets must be integer class indices (int64), got dtype {targets.dtype}; "
+            "convert one-hot or soft targets with argmax first"
+        )
+    expected = (logits.shape[0],) + tuple(logits.shape[2:])
+    if tuple(targets.shape) != expected:
+        raise ValueError(
+            f"targets must have shape {expected} to match logits {tuple(logits.shape)}, "
+            f"got {tuple(targets.shape)}"
+        )
+    if targets.device != logits.device:
+        raise ValueError(
+            f"targets are on {targets.device} but logits are on {logits.device}; "
+            "move both to the same device"
+        )
+    targets = targets.long()
+    if targets.numel():
+        bad = ((targets < 0) | (targets > high)) & (targets != ignore_index)
+        if bool(bad.any()):
+            value = targets[bad][0].item()
+            raise ValueError(
+                f"{what} expects targets in [0, {high}] or ignore_index={ignore_index}, "
+                f"found {value}"
+            )
+    return targets
+
+
+def check_class_vector(
+    vector: torch.Tensor, num_classes: int, name: str, device: torch.device
+) -> torch.Tensor:
+    """A per-class tensor ``[C]``, checked and moved to ``device``."""
+    vector = torch.as_tensor(vector)
+    if vector.shape != (num_classes,):
+        raise ValueError(f"{name} must have shape ({num_classes},), got {tuple(vector.shape)}")
+    return vector.to(device)
+
+
+def check_device(module_tensor: torch.Tensor, logits: torch.Tensor, what: str) -> None:
+    if module_tensor.device != logits.device:
+        raise ValueError(
+            f"{what} state is on {module_tensor.device} but logits are on {logits.device}; "
+            f"move the loss with .to({str(logits.device)!r})"
+        )
+
+
+class _ClosedFormLoss(torch.autograd.Function):
+    """A loss value whose gradient w.r.t. the logits was computed in closed form in forward.
+
+    ``grad`` is d(sum of the unreduced loss)/d logits; ``scale`` (a float or 0-d tensor)
+    multiplies the gradient (``1 / normaliser`` for a mean, 1 otherwise); ``value`` has it
+    applied already.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, value, grad, scale, row_weight):  # type: ignore[override]
+        ctx.save_for_backward(grad, row_weight)
+        ctx.scale = scale
+        ctx.logits_dtype = logits.dtype
+        return value.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad, row_weight = ctx.saved_tensors
+        scale = ctx.scale
+        if 0 < grad_out.dim() < grad.dim():  # per-row loss of a [N, C, *] input
+            grad_out = grad_out.unsqueeze(1)
+        factor = grad_out * scale
+        if row_weight is not None:  # [N, *]: zero for ignored rows
+            factor = factor * row_weight.unsqueeze(1)
+        g = grad * factor
+        return g.to(ctx.logits_dtype), None, None, None, None
+
+
+def scale_of(reduction: str, normalizer: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
+    """The factor a reduction applies to the summed loss: ``1 / normalizer`` for a mean."""
+    return 1.0 / normalizer if reduction == "mean" else 1.0
+
+
+def reduce_loss(
+    logits: torch.Tensor,
+    elementwise: torch.Tensor,
+    grad: Optional[torch.Tensor],
+    reduction: str,
+    normalizer: Union[float, torch.Tensor],
+    row_weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The package's one reduction helper.
+
+    ``elementwise`` is the detached unreduced loss and ``grad`` its closed-form gradient
+    d(sum elementwise)/d logits (``None`` when no gradient is needed). Returns
+    ``sum / normalizer`` (``"mean"``), the sum (``"sum"``) or ``elementwise`` (``"none"``),
+    attached to the autograd graph of ``logits``. ``row_weight`` (``[N, *]``), if given,
+    multiplies the gradient of each row (0 for ignored rows whose ``grad`` entries were left
+    unmasked).
+    """
+    if reduction == "none":
+        value, scale = elementwise, 1.0
+    else:
+        scale = scale_of(reduction, normalizer)
+        value = elementwise.sum() * scale
+    if grad is None:
+        return value
+    return _ClosedFormLoss.apply(logits, value, grad, scale, row_weight)
+
+
+def needs_grad(logits: torch.Tensor) -> bool:
+    return logits.requires_grad and torch.is_grad_enabled()
+
+
+def scatter_rows(x: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """``x[n, index[n]] = values[n]`` in place, for ``x [N, K]`` (or ``[N, K, *]``)."""
+    x.scatter_(1, index.unsqueeze(1), values.unsqueeze(1))
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[n, index[n]]`` for ``x [N, K]`` (or ``[N, K, *]`` with ``index [N, *]``)."""
+    return x.gather(1, index.unsqueeze(1)).squeeze(1)
+
+
+def per_class_sum(values: torch.Tensor, classes: torch.Tensor, mask: Optional[torch.Tensor],
+                  num_classes: int) -> torch.Tensor:
+    """``out[c] = sum of values[n] where classes[n] == c and mask[n]``, without a host sync."""
+    if mask is None:
+        out = torch.zeros(num_classes, dtype=values.dtype, device=values.device)
+        return out.index_add_(0, classes.reshape(-1), values.reshape(-1))
+    bins = torch.where(mask, classes, torch.full_like(classes, num_classes))
+    out = torch.zeros(num_classes + 1, dtype=values.dtype, device=values.device)
+    out.index_add_(0, bins.reshape(-1), (values * mask).reshape(-1))
+    return out[:num_classes]
+
+
+def sum_except_dim1(x: torch.Tensor) -> torch.Tensor:
+    """Per-class sums ``[C]`` of ``x [N, C, *]``."""
+    dims: Sequence[int] = [0] + list(range(2, x.dim()))
+    return x.sum(dim=dims)
+
+
+def weighted_sum_except_dim1(x: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+    """``sum_{n,*} x[n, c, *] * row_weight[n, *]`` for each class ``c``, as matrix products."""
+    n, c = x.shape[:2]
+    if x.dim() == 2:
+        return row_weight @ x
+    flat = x.reshape(n, c, -1)
+    return torch.bmm(flat, row_weight.reshape(n, -1, 1)).sum(0).squeeze(1)

@@ -1,0 +1,328 @@
+"""Softmax losses: Softmax-EQL, balanced softmax (logit adjustment), EQL v1's softmax form and
+the Seesaw loss.
+
+All are cross-entropy over additively adjusted logits, ``CE(z + a, y)``, with ``a`` constant
+for autograd. One kernel, :func:`_adjusted_cross_entropy`, computes the loss and its gradient
+``softmax(z + a) - y`` in closed form, for logits ``[N, C]`` or ``[N, C, *]`` (e.g. per-pixel
+``[B, C, H, W]``), and reads the gradient statistics off the same softmax.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from ._common import (check_class_vector, check_logits, check_reduction, check_targets,
+                      compute_dtype, gather_rows, needs_grad, per_class_sum, reduce_loss,
+                      scale_of, scatter_rows, sum_except_dim1, weighted_sum_except_dim1)
+
+__all__ = ["softmax_eql_adjustment", "softmax_eql_loss", "balanced_softmax_adjustment",
+           "balanced_softmax_loss", "eql_softmax_loss", "seesaw_loss"]
+
+
+class _Result(NamedTuple):
+    loss: torch.Tensor
+    pos_inc: Optional[torch.Tensor]  # [C] sum of |d loss_sum / dz| over positive entries
+    neg_inc: Optional[torch.Tensor]
+    scale: Union[float, torch.Tensor]  # 1 / number of valid rows (mean) or 1
+    grad: Optional[torch.Tensor]     # d loss_sum / dz, when asked for
+
+
+def _adjusted_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    adjustment: Optional[torch.Tensor],
+    ignore_index: int,
+    reduction: str,
+    want_stats: bool,
+    return_grad: bool = False,
+) -> _Result:
+    """``CE(z + a, y)`` with ``a`` a ``[C]`` vector or a tensor broadcastable to ``z``.
+
+    ``logits [N, C, *]``, ``targets [N, *]`` in ``[0, C)`` or ``ignore_index``. ``"mean"``
+    divides by the number of non-ignored rows (pixels). ``"none"`` returns ``[N, *]``.
+    """
+    need_grad = needs_grad(logits)
+    with torch.no_grad():
+        dtype = compute_dtype(logits)
+        z = logits.detach().to(dtype)
+        c = z.shape[1]
+        if adjustment is not None:
+            a = adjustment.to(dtype)
+            if a.dim() == 1:
+                a = a.view((1, c) + (1,) * (z.dim() - 2))
+            z = z + a
+        valid = targets != ignore_index
+        all_valid = bool(valid.all())
+        col = targets if all_valid else targets.masked_fill(~valid, 0)
+        if z.dim() == 2:  # softmax is fastest on rows; the loss from p_t unless it underflows
+            prob = torch.softmax(z, dim=1)
+            p_t = gather_rows(prob, col)
+            elem = -torch.log(p_t)
+            tiny = torch.finfo(dtype).tiny * 2 ** 20
+            if bool((p_t < tiny).any()):
+                exact = -gather_rows(torch.log_softmax(z, dim=1), col)
+                elem = torch.where(p_t < tiny, exact, elem)
+        else:  # [N, C, *]: log_softmax over dim 1 is much faster than softmax there
+            prob = torch.log_softmax(z, dim=1)
+            elem = -gather_rows(prob, col)
+            prob = prob.exp_()
+            p_t = gather_rows(prob, col)
+        del z
+        # Ignored rows: their entries of `prob` are left as they are and weighted by 0 wherever
+        # they are read (loss, statistics, gradient), which saves a pass over the logits.
+        row_weight = None if all_valid else valid.to(dtype)
+        if row_weight is not None:
+            elem = elem * row_weight
+
+        grad = pos_inc = neg_inc = None
+        if want_stats or need_grad or return_grad:
+            grad = prob
+            if want_stats:
+                scatter_rows(grad, col, torch.zeros_like(p_t))
+                if row_weight is None:
+                    neg_inc = sum_except_dim1(grad)  # every remaining entry is a negative
+                else:
+                    neg_inc = weighted_sum_except_dim1(grad, row_weight)
+                pos_inc = per_class_sum(1 - p_t, col, None if all_valid else valid, c)
+            scatter_rows(grad, col, p_t - 1)
+            if row_weight is not None and return_grad:
+                grad = grad * row_weight.unsqueeze(1)
+        normalizer = targets.numel() if all_valid else valid.sum().clamp(min=1).to(dtype)
+    loss = reduce_loss(logits, elem, grad if need_grad else None, reduction, normalizer,
+                       row_weight=row_weight)
+    return _Result(loss, pos_inc, neg_inc, scale_of(reduction, normalizer),
+                   grad if return_grad else None)
+
+
+def _check_softmax_inputs(logits, targets, num_classes, what, ignore_index, reduction):
+    check_reduction(reduction)
+    check_logits(logits, num_classes, what, spatial=True)
+    return check_targets(targets, logits, num_classes - 1, ignore_index, what)
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax-EQL
+# --------------------------------------------------------------------------------------------
+
+def softmax_eql_adjustment(indicator: torch.Tensor, tau: float = 1.0, eps: float = 1e-4
+                           ) -> torch.Tensor:
+    """Softmax-EQL's per-class logit offset ``a_j = tau * log(max(I_j, eps))``.
+
+    The paper's margin ``z~_nj = z_nj + tau log(max(I_j, eps) / max(I_{y_n}, eps))`` equals
+    ``z_nj + a_j - a_{y_n}``; the row constant ``a_{y_n}`` cancels in the softmax, so
+    cross-entropy over ``z + a`` is exactly the paper's loss, with the same gradient.
+
+    >>> softmax_eql_adjustment(torch.tensor([0.0, 1.0]))
+    tensor([-9.2103,  0.0000])
+    """
+    return tau * torch.log(indicator.clamp(min=eps))
+
+
+def _softmax_eql(logits, targets, indicator, tau, eps, ignore_index, reduction, want_stats
+                 ) -> _Result:
+    num_classes = logits.shape[1] if logits.dim() >= 2 else -1
+    targets = _check_softmax_inputs(logits, targets, num_classes, "Softmax-EQL", ignore_index,
+                                    reduction)
+    indicator = check_class_vector(indicator, num_classes, "indicator", logits.device)
+    a = softmax_eql_adjustment(indicator.to(compute_dtype(logits)), tau, eps)
+    return _adjusted_cross_entropy(logits, targets, a, ignore_index, reduction, want_stats)
+
+
+def softmax_eql_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    indicator: torch.Tensor,
+    tau: float = 1.0,
+    eps: float = 1e-4,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Softmax-EQL for a given indicator; the stateless twin of ``SoftmaxEQLLoss``.
+
+        z~_nj = z_nj + tau log(max(I_j, eps) / max(I_{y_n}, eps))  (j != y_n)
+        loss = CrossEntropy(z~, y)
+
+    ``I`` is the accumulated positive (indicator ``"pos"``) or negative gradient per class.
+
+    Args:
+        logits: ``[N, C]`` or ``[N, C, *]`` (e.g. ``[B, C, H, W]``).
+        targets: ``[N]`` or ``[N, *]`` int64 in ``[0, C)`` or ``ignore_index``.
+        indicator: ``[C]``.
+        reduction: ``"mean"`` over non-ignored rows/pixels, ``"sum"`` or ``"none"``.
+
+    >>> softmax_eql_loss(torch.zeros(2, 4), torch.tensor([0, 3]), torch.zeros(4))
+    tensor(1.3863)
+    """
+    return _softmax_eql(logits, targets, indicator, tau, eps, ignore_index, reduction,
+                        want_stats=False).loss
+
+
+# --------------------------------------------------------------------------------------------
+# Balanced softmax / logit adjustment
+# --------------------------------------------------------------------------------------------
+
+def balanced_softmax_adjustment(class_counts: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """``a_j = tau * log(prior_j)`` with ``prior = counts / sum(counts)``.
+
+    Classes with no training sample are counted as one, so that their offset stays finite.
+
+    >>> balanced_softmax_adjustment(torch.tensor([3, 1]))
+    tensor([-0.2877, -1.3863])
+    """
+    counts = class_counts.to(torch.float64).clamp(min=1)
+    return (tau * torch.log(counts / counts.sum())).to(torch.float32)
+
+
+def balanced_softmax_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    class_counts: torch.Tensor,
+    tau: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Balanced softmax (Ren et al., 2020) = logit-adjusted loss (Menon et al., 2021).
+
+        loss = CrossEntropy(z + tau log(prior), y),  prior_j = n_j / sum_k n_k
+
+    ``tau=0`` is plain cross-entropy. Predict with the raw logits.
+
+    >>> balanced_softmax_loss(torch.zeros(1, 2), torch.tensor([1]), torch.tensor([3, 1]))
+    tensor(1.3863)
+    """
+    num_classes = logits.shape[1] if logits.dim() >= 2 else -1
+    targets = _check_softmax_inputs(logits, targets, num_classes, "balanced softmax",
+                                    ignore_index, reduction)
+    counts = check_class_vector(class_counts, num_classes, "class_counts", logits.device)
+    a = balanced_softmax_adjustment(counts, tau)
+    return _adjusted_cross_entropy(logits, targets, a, ignore_index, reduction, False).loss
+
+
+# --------------------------------------------------------------------------------------------
+# EQL v1, softmax form
+# --------------------------------------------------------------------------------------------
+
+def eql_softmax_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    class_frequency: torch.Tensor,
+    lambda_: float = 0.0011,
+    gamma: float = 0.9,
+    background: bool = False,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """EQL v1, softmax form: rare non-target classes dropped from the softmax denominator.
+
+        w~_nk = 1 - beta_nk E_n T_k (1 - y_nk),   beta_nk ~ Bernoulli(gamma)
+        loss = -log(exp(z_ny) / sum_k w~_nk exp(z_nk))
+
+    ``T_k`` = class k's frequency is below ``lambda_``; ``E_n`` = row n is foreground. With
+    ``background=True`` logits have ``C + 1`` columns and target ``C`` is background (whose rows
+    suppress nothing); otherwise ``C`` columns and targets in ``[0, C)``.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> eql_softmax_loss(torch.zeros(1, 2), torch.tensor([0]), torch.tensor([0.5, 1e-4]),
+    ...                  gamma=1.0, generator=g)
+    tensor(0.)
+    """
+    c = class_frequency.shape[0] if isinstance(class_frequency, torch.Tensor) else -1
+    channels = c + 1 if background else c
+    targets = _check_softmax_inputs(logits, targets, channels, "softmax EQL", ignore_index,
+                                    reduction)
+    freq = check_class_vector(class_frequency, c, "class_frequency", logits.device)
+    tail = freq < lambda_
+    if background:
+        tail = torch.cat([tail, tail.new_zeros(1)])
+    fg = ((targets >= 0) & (targets < c)).unsqueeze(1)
+    beta = torch.rand(logits.shape, generator=generator,
+                      device=generator.device if generator is not None else logits.device)
+    drop = (beta.to(logits.device) < gamma) & fg & tail.view((1, -1) + (1,) * (logits.dim() - 2))
+    drop.scatter_(1, targets.clamp(min=0).unsqueeze(1), False)
+    a = torch.zeros(logits.shape, dtype=compute_dtype(logits), device=logits.device)
+    a.masked_fill_(drop, float("-inf"))
+    return _adjusted_cross_entropy(logits, targets, a, ignore_index, reduction, False).loss
+
+
+# --------------------------------------------------------------------------------------------
+# Seesaw loss
+# --------------------------------------------------------------------------------------------
+
+def seesaw_weights(logits: torch.Tensor, targets: torch.Tensor, class_counts: torch.Tensor,
+                   p: float = 0.8, q: float = 2.0, eps: float = 1e-2) -> torch.Tensor:
+    """Seesaw factors ``S_ij = M_ij * C_ij`` for rows with target ``i`` (all in ``[0, C)``).
+
+        M_ij = (N_j / N_i)^p if N_j < N_i else 1        (mitigation, N = cumulative counts)
+        C_ij = (s_j / s_i)^q if s_j > s_i else 1        (compensation, s = softmax(z), detached)
+    """
+    counts = class_counts.to(logits.dtype).clamp(min=1)
+    ratio = counts[None, :] / counts[:, None]
+    mitigation = torch.where(ratio < 1, ratio.pow(p), torch.ones_like(ratio))[targets]
+    scores = torch.softmax(logits.detach(), dim=1)
+    self_scores = gather_rows(scores, targets).clamp(min=eps)
+    score_ratio = scores / self_scores[:, None]
+    compensation = torch.where(score_ratio > 1, score_ratio.pow(q), torch.ones_like(score_ratio))
+    return (mitigation if p > 0 else 1) * (compensation if q > 0 else 1)
+
+
+def _seesaw(logits, targets, class_counts, p, q, eps, normalizer, ignore_index):
+    """Returns (loss, class term, objectness term), the terms detached."""
+    num_classes = logits.shape[1] - 2 if logits.dim() == 2 else -1
+    check_logits(logits, num_classes + 2, "Seesaw (C class columns + 2 objectness columns)")
+    targets = check_targets(targets, logits, num_classes, ignore_index, "Seesaw")
+    counts = check_class_vector(class_counts, num_classes, "class_counts", logits.device)
+    need_grad = needs_grad(logits)
+    with torch.no_grad():
+        dtype = compute_dtype(logits)
+        z = logits.detach().to(dtype)
+        valid = targets != ignore_index
+        rows = (valid & (targets < num_classes)).nonzero().squeeze(1)
+        z_cls, t_cls = z[rows, :num_classes], targets[rows]
+        log_s = torch.log(seesaw_weights(z_cls, t_cls, counts, p, q, eps))
+        cls = _adjusted_cross_entropy(z_cls, t_cls, log_s, ignore_index, "sum", False,
+                                      return_grad=need_grad)
+        obj_target = torch.where(valid, (targets == num_classes).long(), targets)
+        obj = _adjusted_cross_entropy(z[:, num_classes:], obj_target, None, ignore_index, "sum",
+                                      False, return_grad=need_grad)
+        grad = None
+        if need_grad:
+            grad = torch.zeros_like(z)
+            grad[rows, :num_classes] = cls.grad
+            grad[:, num_classes:] = obj.grad
+        if normalizer is None:
+            norm = valid.sum().clamp(min=1).to(dtype)
+        else:
+            norm = torch.as_tensor(normalizer, dtype=dtype, device=z.device).reshape(())
+    loss = reduce_loss(logits, cls.loss + obj.loss, grad, "mean", norm)
+    return loss, cls.loss / norm, obj.loss / norm
+
+
+def seesaw_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    class_counts: torch.Tensor,
+    p: float = 0.8,
+    q: float = 2.0,
+    eps: float = 1e-2,
+    normalizer: Optional[float] = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Seesaw loss (Wang et al., CVPR 2021) with a separate objectness branch, as in mmdet.
+
+        class term:      sum over foreground rows of CE(z_cls + log S * (1 - y), y)
+        objectness term: sum over all rows of CE(z_obj, [fg, bg])
+        loss = (class term + objectness term) / normalizer   (default: non-ignored rows)
+
+    Args:
+        logits: ``[N, C + 2]``: C class logits, then objectness ``[fg, bg]``.
+        targets: ``[N]`` int64 in ``[0, C]`` (``C`` = background) or ``ignore_index``.
+        class_counts: ``[C]`` cumulative training counts per class (``N_j``).
+
+    >>> seesaw_loss(torch.zeros(1, 4), torch.tensor([0]), torch.tensor([5, 1]))
+    tensor(0.9368)
+    """
+    return _seesaw(logits, targets, class_counts, p, q, eps, normalizer, ignore_index)[0]

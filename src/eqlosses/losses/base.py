@@ -1,0 +1,67 @@
+"""The contract every loss module of the package follows."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..functional._common import check_device, check_reduction
+from ..stats import GradientStatistics
+
+
+class LongTailLoss(nn.Module):
+    """Base class: conventions, channel count and test-time scores of a loss.
+
+    Subclasses set :attr:`num_channels` (logit channels the model must produce for
+    ``num_classes`` classes) and implement :meth:`scores` (logits -> ``[N, C, *]`` foreground
+    class scores) and ``forward``.
+    """
+
+    #: Whether the loss needs a trailing background/objectness column or columns.
+    num_channels: int
+
+    def __init__(self, num_classes: int, ignore_index: int = -100, reduction: str = "mean"):
+        super().__init__()
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        check_reduction(reduction)
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+
+    @property
+    def updates_state(self) -> bool:
+        """True when a forward call updates the loss's state (training mode, grad enabled)."""
+        return self.training and torch.is_grad_enabled()
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def class_terms(self) -> Dict[str, torch.Tensor]:
+        """Per-class quantities in force (weights, margins, ratios), for monitoring."""
+        return {}
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, reduction={self.reduction!r}"
+
+
+class GradientDrivenLoss(LongTailLoss):
+    """A loss whose per-class terms come from accumulated gradient statistics ``self.stats``.
+
+    Several losses may share one :class:`GradientStatistics` object through ``stats=``.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = -100, reduction: str = "mean",
+                 stats: Optional[GradientStatistics] = None):
+        super().__init__(num_classes, ignore_index, reduction)
+        if stats is None:
+            stats = GradientStatistics(num_classes)
+        elif stats.num_classes != num_classes:
+            raise ValueError(f"stats track {stats.num_classes} classes, but the loss was built "
+                             f"for num_classes={num_classes}")
+        self.stats = stats
+
+    def _check_state_device(self, logits: torch.Tensor) -> None:
+        check_device(self.stats.pos_grad, logits, type(self).__name__)

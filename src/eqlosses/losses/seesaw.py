@@ -1,0 +1,66 @@
+"""Seesaw loss, with its class counts synchronised across processes."""
+
+from __future__ import annotations
+
+import torch
+
+from ..distributed import all_reduce_sum_
+from ..functional._common import check_device, check_targets
+from ..functional.softmax import _seesaw
+from ..stats import apply_keeping_dtype
+from .base import LongTailLoss
+
+
+class SeesawLoss(LongTailLoss):
+    """Seesaw loss (Wang et al., CVPR 2021) with an objectness branch, as in mmdetection.
+
+        S_ij = M_ij C_ij,  M_ij = (N_j / N_i)^p if N_j < N_i,  C_ij = (s_j / s_i)^q if s_j > s_i
+        class term:      sum over foreground rows of CE(z_cls + log S (1 - y), y)
+        objectness term: sum over all rows of CE(z_obj, [fg, bg])
+        loss = (class term + objectness term) / normalizer   (default: non-ignored rows)
+
+    Logits ``[N, C + 2]``: C class logits, then objectness ``[fg, bg]``; targets ``[N]`` in
+    ``[0, C]`` (``C`` = background) or ``ignore_index``. The cumulative counts ``cum_samples``
+    (``[C + 1]``, background last) are a persistent buffer, updated with the current batch
+    before the loss is computed (as the reference does) in training mode only.
+
+    Deviation from the reference: the count increments are all-reduced (one collective per
+    training forward), so every process uses the same counts; mmdetection counts per process.
+    The reference's ``avg_factor + float32 eps`` denominator is the plain normaliser here.
+    Test-time scores: ``softmax(z_cls) * softmax(z_obj)[fg]``.
+
+    Example:
+        >>> crit = SeesawLoss(num_classes=2)
+        >>> crit(torch.zeros(2, crit.num_channels), torch.tensor([0, 2]))
+        tensor(1.0397)
+        >>> crit.cum_samples
+        tensor([1., 0., 1.], dtype=torch.float64)
+    """
+
+    def __init__(self, num_classes: int, p: float = 0.8, q: float = 2.0, eps: float = 1e-2,
+                 ignore_index: int = -100):
+        super().__init__(num_classes, ignore_index, "mean")
+        self.p, self.q, self.eps = p, q, eps
+        self.num_channels = num_classes + 2
+        self.register_buffer("cum_samples", torch.zeros(num_classes + 1, dtype=torch.float64))
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor,
+                normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+        check_device(self.cum_samples, logits, "SeesawLoss")
+        if self.updates_state:
+            t = check_targets(targets, logits, self.num_classes, self.ignore_index, "Seesaw")
+            t = t[t != self.ignore_index]
+            inc = torch.bincount(t, minlength=self.num_classes + 1).to(self.cum_samples.dtype)
+            self.cum_samples += all_reduce_sum_(inc)
+        return _seesaw(logits, targets, self.cum_samples[: self.num_classes], self.p, self.q,
+                       self.eps, normalizer, self.ignore_index)[0]
+
+    def _apply(self, fn, recurse=True):  # keep the float64 counts through model.half()
+        apply_keeping_dtype(self, fn)
+        return self
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[N, C]`` class scores ``softmax(z_cls) * softmax(z_obj)[:, fg]``."""
+        cls = torch.softmax(logits[:, : self.num_classes], dim=1)
+        obj = torch.softmax(logits[:, self.num_classes :], dim=1)
+        return cls * obj[:, :1]

@@ -1,0 +1,122 @@
+"""Frequency-based and baseline sigmoid losses: EQL v1, the federated loss and plain BCE."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..functional.sigmoid import (_weighted_bce, eql_loss, federated_loss,
+                                  sample_federated_classes)
+from ..functional._common import check_logits, check_reduction, check_targets
+from .base import LongTailLoss
+
+
+class _SigmoidScores:
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[N, C]`` class scores ``sigmoid(z)``."""
+        return torch.sigmoid(logits)
+
+
+def _class_vector(values, num_classes: int, name: str) -> torch.Tensor:
+    vector = torch.as_tensor(values, dtype=torch.float32)
+    if vector.shape != (num_classes,):
+        raise ValueError(f"{name} must have shape ({num_classes},), got {tuple(vector.shape)}")
+    return vector
+
+
+class EQLLoss(_SigmoidScores, LongTailLoss):
+    """Equalization Loss v1 (sigmoid): foreground rows stop suppressing rare classes.
+
+        w_nj = 1 - E_n T_j (1 - y_nj),   loss = sum_nj w_nj BCE(z_nj, y_nj) / N
+
+    ``T_j = class_frequency_j < lambda_`` (image frequency; 0.0011 for LVIS v1, 0.00177 for
+    LVIS v0.5), ``E_n`` = row n is foreground. Logits ``[N, C]`` (no background column);
+    targets in ``[0, C]`` with ``C`` = background (all-zero target row) or ``ignore_index``.
+
+    Example:
+        >>> EQLLoss(2, class_frequency=torch.tensor([0.5, 1e-4]))(
+        ...     torch.zeros(1, 2), torch.tensor([0]))
+        tensor(0.6931)
+    """
+
+    def __init__(self, num_classes: int, class_frequency: torch.Tensor, lambda_: float = 0.0011,
+                 ignore_index: int = -100, reduction: str = "mean"):
+        super().__init__(num_classes, ignore_index, reduction)
+        self.register_buffer("class_frequency",
+                             _class_vector(class_frequency, num_classes, "class_frequency"))
+        self.lambda_ = lambda_
+        self.num_channels = num_classes
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return eql_loss(logits, targets, self.class_frequency, self.lambda_, self.ignore_index,
+                        self.reduction)
+
+
+class FederatedLoss(_SigmoidScores, LongTailLoss):
+    """Federated loss: sigmoid BCE over the present classes plus sampled negative classes.
+
+    Each training step trains the classes present in the batch and, up to ``num_sampled`` in
+    all, classes drawn without replacement with probability proportional to
+    ``class_image_counts ** power`` (0.5: square root of the image count). Evaluation forwards
+    use every class. Zhou et al., "Probabilistic two-stage detection", 2021.
+
+    Logits ``[N, C]``; targets in ``[0, C]`` (``C`` = background) or ``ignore_index``.
+    Sampling uses ``generator`` (or the global RNG): seed it per rank as you like.
+
+    Example:
+        >>> crit = FederatedLoss(3, class_image_counts=torch.tensor([100, 10, 1]), num_sampled=2)
+        >>> crit.eval()(torch.zeros(1, 3), torch.tensor([0]))
+        tensor(2.0794)
+    """
+
+    def __init__(self, num_classes: int, class_image_counts: torch.Tensor,
+                 num_sampled: int = 50, power: float = 0.5, ignore_index: int = -100,
+                 reduction: str = "mean", generator: Optional[torch.Generator] = None):
+        super().__init__(num_classes, ignore_index, reduction)
+        counts = _class_vector(class_image_counts, num_classes, "class_image_counts")
+        self.register_buffer("sampling_weight", counts.clamp(min=0).pow(power))
+        self.num_sampled, self.power, self.generator = num_sampled, power, generator
+        self.num_channels = num_classes
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.updates_state:
+            mask = sample_federated_classes(targets, self.sampling_weight, self.num_sampled,
+                                            self.generator)
+        else:
+            mask = torch.ones(self.num_classes, dtype=torch.bool, device=logits.device)
+        return federated_loss(logits, targets, mask, self.ignore_index, self.reduction)
+
+
+class BCELoss(_SigmoidScores, LongTailLoss):
+    """Plain sigmoid binary cross-entropy with the package's conventions (the baseline).
+
+    ``objectness=False``: logits ``[N, C]``, target ``C`` = background (all-zero row).
+    ``objectness=True``: logits ``[N, C + 1]`` whose last column is trained as an
+    objectness/background class, as in :class:`SigmoidEQLLoss` (whose initial state this
+    equals); scores are then ``sigmoid(z_j) * (1 - sigmoid(z_bg))``.
+
+    Example:
+        >>> BCELoss(2)(torch.zeros(1, 2), torch.tensor([0]))
+        tensor(1.3863)
+    """
+
+    def __init__(self, num_classes: int, objectness: bool = False, ignore_index: int = -100,
+                 reduction: str = "mean"):
+        super().__init__(num_classes, ignore_index, reduction)
+        self.objectness = objectness
+        self.num_channels = num_classes + 1 if objectness else num_classes
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        check_reduction(self.reduction)
+        check_logits(logits, self.num_channels, "BCE")
+        targets = check_targets(targets, logits, self.num_classes, self.ignore_index, "BCE")
+        ones = torch.ones(self.num_channels, device=logits.device)
+        return _weighted_bce(logits, targets, ones, ones, self.ignore_index, self.reduction,
+                             want_stats=False).loss
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(logits)
+        if not self.objectness:
+            return p
+        return p[:, : self.num_classes] * (1 - p[:, self.num_classes :])

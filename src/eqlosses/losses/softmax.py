@@ -1,0 +1,166 @@
+"""Softmax losses: Softmax-EQL, balanced softmax, cross-entropy and EQL v1's softmax form."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from ..functional.softmax import (_adjusted_cross_entropy, _check_softmax_inputs, _softmax_eql,
+                                  balanced_softmax_adjustment, eql_softmax_loss,
+                                  softmax_eql_adjustment)
+from ..stats import GradientStatistics
+from .base import GradientDrivenLoss, LongTailLoss
+
+INDICATORS = ("pos", "neg")
+
+
+class _SoftmaxScores:
+    num_classes: int
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[N, C, *]`` class probabilities ``softmax(z)`` (background column dropped)."""
+        return torch.softmax(logits, dim=1)[:, : self.num_classes]
+
+
+class SoftmaxEQLLoss(_SoftmaxScores, GradientDrivenLoss):
+    """Softmax-EQL: cross-entropy with margins calibrated by accumulated gradients.
+
+        z~_nj = z_nj + tau log(max(I_j, eps) / max(I_{y_n}, eps))   (j != y_n)
+        loss = CrossEntropy(z~, y)   (mean over non-ignored rows or pixels)
+
+    ``I`` is the accumulated positive-gradient magnitude per class (``indicator="pos"``, the
+    paper's choice) or the negative one (``"neg"``). Equivalent to logit adjustment with the
+    class prior replaced by the normalised indicator. Initial ``I = 0``: step 0 is plain
+    cross-entropy. Statistics: ``|d loss / d z|`` at the raw logits, ``(softmax(z~) - y) / N``.
+    Predict with the raw logits (``scores`` = softmax).
+
+    Works for classification (``[N, C]``) and segmentation (``[B, C, H, W]`` logits with
+    ``[B, H, W]`` targets); ignored pixels count in neither the loss nor the statistics.
+
+    Example:
+        >>> crit = SoftmaxEQLLoss(num_classes=3)
+        >>> loss = crit(torch.zeros(2, 3, requires_grad=True), torch.tensor([0, 0]))
+        >>> crit.class_terms()["margin"]
+        tensor([-0.4055, -9.2103, -9.2103], dtype=torch.float64)
+    """
+
+    def __init__(self, num_classes: int, tau: float = 1.0, eps: float = 1e-4,
+                 indicator: str = "pos", ignore_index: int = -100, reduction: str = "mean",
+                 stats: Optional[GradientStatistics] = None):
+        super().__init__(num_classes, ignore_index, reduction, stats)
+        if indicator not in INDICATORS:
+            raise ValueError(f"indicator must be one of {INDICATORS}, got {indicator!r}")
+        self.tau, self.eps, self.indicator = tau, eps, indicator
+        self.num_channels = num_classes
+
+    def _indicator(self) -> torch.Tensor:
+        return self.stats.pos_grad if self.indicator == "pos" else self.stats.neg_grad
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self._check_state_device(logits)
+        update = self.updates_state
+        res = _softmax_eql(logits, targets, self._indicator(), self.tau, self.eps,
+                           self.ignore_index, self.reduction, want_stats=update)
+        if update:
+            self.stats.update(res.pos_inc * res.scale, res.neg_inc * res.scale)
+        return res.loss
+
+    def class_terms(self) -> Dict[str, torch.Tensor]:
+        indicator = self._indicator()
+        return {"indicator": indicator,
+                "margin": softmax_eql_adjustment(indicator, self.tau, self.eps)}
+
+
+class BalancedSoftmaxLoss(_SoftmaxScores, LongTailLoss):
+    """Balanced softmax / logit adjustment: ``CE(z + tau log(prior), y)``.
+
+    ``prior`` is the normalised ``class_counts`` (classes with no sample count as one);
+    ``tau=1`` is balanced softmax (Ren et al., 2020), other values the logit-adjusted loss
+    (Menon et al., 2021). Same shapes and conventions as :class:`SoftmaxEQLLoss`.
+
+    Example:
+        >>> BalancedSoftmaxLoss(2, class_counts=torch.tensor([3, 1]))(
+        ...     torch.zeros(1, 2), torch.tensor([1]))
+        tensor(1.3863)
+    """
+
+    def __init__(self, num_classes: int, class_counts: torch.Tensor, tau: float = 1.0,
+                 ignore_index: int = -100, reduction: str = "mean"):
+        super().__init__(num_classes, ignore_index, reduction)
+        counts = torch.as_tensor(class_counts)
+        if counts.shape != (num_classes,):
+            raise ValueError(f"class_counts must have shape ({num_classes},), "
+                             f"got {tuple(counts.shape)}")
+        self.tau = tau
+        self.num_channels = num_classes
+        self.register_buffer("adjustment", balanced_softmax_adjustment(counts, tau))
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        targets = _check_softmax_inputs(logits, targets, self.num_channels, "balanced softmax",
+                                        self.ignore_index, self.reduction)
+        return _adjusted_cross_entropy(logits, targets, self.adjustment.to(logits.device),
+                                       self.ignore_index, self.reduction, False).loss
+
+    def class_terms(self) -> Dict[str, torch.Tensor]:
+        return {"margin": self.adjustment}
+
+
+class CrossEntropyLoss(_SoftmaxScores, LongTailLoss):
+    """Softmax cross-entropy with the package's conventions (the baseline).
+
+    ``background=False``: ``C`` channels, targets in ``[0, C)``. ``background=True`` (softmax
+    detection heads): ``C + 1`` channels, target ``C`` = background.
+
+    Example:
+        >>> CrossEntropyLoss(2)(torch.zeros(1, 2), torch.tensor([1]))
+        tensor(0.6931)
+    """
+
+    def __init__(self, num_classes: int, background: bool = False, ignore_index: int = -100,
+                 reduction: str = "mean"):
+        super().__init__(num_classes, ignore_index, reduction)
+        self.background = background
+        self.num_channels = num_classes + 1 if background else num_classes
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        targets = _check_softmax_inputs(logits, targets, self.num_channels, "cross-entropy",
+                                        self.ignore_index, self.reduction)
+        return _adjusted_cross_entropy(logits, targets, None, self.ignore_index, self.reduction,
+                                       False).loss
+
+
+class EQLSoftmaxLoss(_SoftmaxScores, LongTailLoss):
+    """EQL v1, softmax form: rare non-target classes dropped from the softmax denominator.
+
+        w~_nk = 1 - beta_nk E_n T_k (1 - y_nk),   beta_nk ~ Bernoulli(gamma)
+        loss = -log(exp(z_ny) / sum_k w~_nk exp(z_nk))
+
+    ``T_k = class_frequency_k < lambda_``. In eval mode (or without grad) nothing is dropped
+    (``beta = 0``), so a validation loss is deterministic. ``background=True`` adds a
+    background column (target ``C``) whose rows suppress nothing.
+
+    Example:
+        >>> crit = EQLSoftmaxLoss(2, class_frequency=torch.tensor([0.5, 1e-4]), gamma=1.0)
+        >>> crit(torch.zeros(1, 2), torch.tensor([0]))
+        tensor(0.)
+    """
+
+    def __init__(self, num_classes: int, class_frequency: torch.Tensor, lambda_: float = 0.0011,
+                 gamma: float = 0.9, background: bool = False, ignore_index: int = -100,
+                 reduction: str = "mean", generator: Optional[torch.Generator] = None):
+        super().__init__(num_classes, ignore_index, reduction)
+        freq = torch.as_tensor(class_frequency, dtype=torch.float32)
+        if freq.shape != (num_classes,):
+            raise ValueError(f"class_frequency must have shape ({num_classes},), "
+                             f"got {tuple(freq.shape)}")
+        self.register_buffer("class_frequency", freq)
+        self.lambda_, self.gamma, self.background, self.generator = (lambda_, gamma, background,
+                                                                     generator)
+        self.num_channels = num_classes + 1 if background else num_classes
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        gamma = self.gamma if self.updates_state else 0.0
+        return eql_softmax_loss(logits, targets, self.class_frequency, self.lambda_, gamma,
+                                self.background, self.ignore_index, self.reduction,
+                                self.generator)
