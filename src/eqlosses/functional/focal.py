@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .sigmoid import _num_classes
 from ._common import (check_class_vector, check_logits, check_reduction, check_targets,
                       compute_dtype, gather_rows, needs_grad, per_class_sum, reduce_loss,
                       scale_of, scatter_rows)
@@ -128,7 +129,10 @@ def efl_gamma(ratio: torch.Tensor, focal_gamma: float = 2.0, scale_factor: float
 
 def _check_focal_inputs(logits, targets, ratio, what, ignore_index, reduction):
     check_reduction(reduction)
-    num_classes = logits.shape[1] if logits.dim() == 2 else -1
+    if ratio is not None:
+        num_classes = _num_classes(ratio)
+    else:
+        num_classes = logits.shape[1] if logits.dim() == 2 else -1
     check_logits(logits, num_classes, what)
     targets = check_targets(targets, logits, num_classes, ignore_index, what)
     if ratio is not None:

@@ -83,9 +83,17 @@ def _weighted_bce(
                 pos_inc = per_class_sum(pos_w * (1 - p_t), col, has_pos, k)
             scatter_rows(grad, col, torch.where(has_pos, pos_w * (p_t - 1), grad_t))
 
-        normalizer = n if all_valid else valid.sum().clamp(min=1).to(dtype)
+        normalizer = max(n, 1) if all_valid else valid.sum().clamp(min=1).to(dtype)
     loss = reduce_loss(logits, elem, grad if need_grad else None, reduction, normalizer)
     return _Result(loss, pos_inc, neg_inc, scale_of(reduction, normalizer))
+
+
+def _num_classes(per_class: torch.Tensor) -> int:
+    """C from a per-class vector, which defines the class count of the functional losses."""
+    shape = tuple(torch.as_tensor(per_class).shape)
+    if len(shape) != 1:
+        raise ValueError(f"per-class tensors must have shape [C], got {shape}")
+    return shape[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,7 +159,7 @@ def sigmoid_eql_loss(
     >>> sigmoid_eql_loss(logits, torch.tensor([0, 2]), ratio=torch.full((2,), 100.0))
     tensor(2.0794)
     """
-    return _sigmoid_eql(logits, targets, ratio, logits.shape[1] - 1, gamma, mu, alpha,
+    return _sigmoid_eql(logits, targets, ratio, _num_classes(ratio), gamma, mu, alpha,
                         ignore_index, reduction, want_stats=False).loss
 
 
@@ -196,7 +204,7 @@ def eql_loss(
     tensor(0.6931)
     """
     check_reduction(reduction)
-    num_classes = logits.shape[1] if logits.dim() == 2 else -1
+    num_classes = _num_classes(class_frequency)
     check_logits(logits, num_classes, "EQL")
     targets = check_targets(targets, logits, num_classes, ignore_index, "EQL")
     freq = check_class_vector(class_frequency, num_classes, "class_frequency", logits.device)
@@ -259,7 +267,7 @@ def federated_loss(
     tensor(0.6931)
     """
     check_reduction(reduction)
-    num_classes = logits.shape[1] if logits.dim() == 2 else -1
+    num_classes = _num_classes(class_mask)
     check_logits(logits, num_classes, "the federated loss")
     targets = check_targets(targets, logits, num_classes, ignore_index, "the federated loss")
     w = check_class_vector(class_mask, num_classes, "class_mask", logits.device).to(torch.float32)

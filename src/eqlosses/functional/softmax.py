@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .sigmoid import _num_classes
 from ._common import (check_class_vector, check_logits, check_reduction, check_targets,
                       compute_dtype, gather_rows, needs_grad, per_class_sum, reduce_loss,
                       scale_of, scatter_rows, sum_except_dim1, weighted_sum_except_dim1)
@@ -90,7 +91,7 @@ def _adjusted_cross_entropy(
             scatter_rows(grad, col, p_t - 1)
             if row_weight is not None and return_grad:
                 grad = grad * row_weight.unsqueeze(1)
-        normalizer = targets.numel() if all_valid else valid.sum().clamp(min=1).to(dtype)
+        normalizer = max(targets.numel(), 1) if all_valid else valid.sum().clamp(min=1).to(dtype)
     loss = reduce_loss(logits, elem, grad if need_grad else None, reduction, normalizer,
                        row_weight=row_weight)
     return _Result(loss, pos_inc, neg_inc, scale_of(reduction, normalizer),
@@ -123,7 +124,7 @@ def softmax_eql_adjustment(indicator: torch.Tensor, tau: float = 1.0, eps: float
 
 def _softmax_eql(logits, targets, indicator, tau, eps, ignore_index, reduction, want_stats
                  ) -> _Result:
-    num_classes = logits.shape[1] if logits.dim() >= 2 else -1
+    num_classes = _num_classes(indicator)
     targets = _check_softmax_inputs(logits, targets, num_classes, "Softmax-EQL", ignore_index,
                                     reduction)
     indicator = check_class_vector(indicator, num_classes, "indicator", logits.device)
@@ -193,7 +194,7 @@ def balanced_softmax_loss(
     >>> balanced_softmax_loss(torch.zeros(1, 2), torch.tensor([1]), torch.tensor([3, 1]))
     tensor(1.3863)
     """
-    num_classes = logits.shape[1] if logits.dim() >= 2 else -1
+    num_classes = _num_classes(class_counts)
     targets = _check_softmax_inputs(logits, targets, num_classes, "balanced softmax",
                                     ignore_index, reduction)
     counts = check_class_vector(class_counts, num_classes, "class_counts", logits.device)
@@ -230,7 +231,7 @@ def eql_softmax_loss(
     ...                  gamma=1.0, generator=g)
     tensor(0.)
     """
-    c = class_frequency.shape[0] if isinstance(class_frequency, torch.Tensor) else -1
+    c = _num_classes(class_frequency)
     channels = c + 1 if background else c
     targets = _check_softmax_inputs(logits, targets, channels, "softmax EQL", ignore_index,
                                     reduction)
@@ -259,19 +260,23 @@ def seesaw_weights(logits: torch.Tensor, targets: torch.Tensor, class_counts: to
         M_ij = (N_j / N_i)^p if N_j < N_i else 1        (mitigation, N = cumulative counts)
         C_ij = (s_j / s_i)^q if s_j > s_i else 1        (compensation, s = softmax(z), detached)
     """
-    counts = class_counts.to(logits.dtype).clamp(min=1)
-    ratio = counts[None, :] / counts[:, None]
-    mitigation = torch.where(ratio < 1, ratio.pow(p), torch.ones_like(ratio))[targets]
-    scores = torch.softmax(logits.detach(), dim=1)
-    self_scores = gather_rows(scores, targets).clamp(min=eps)
-    score_ratio = scores / self_scores[:, None]
-    compensation = torch.where(score_ratio > 1, score_ratio.pow(q), torch.ones_like(score_ratio))
-    return (mitigation if p > 0 else 1) * (compensation if q > 0 else 1)
+    weights = torch.ones_like(logits)
+    if p > 0:
+        counts = class_counts.to(logits.dtype).clamp(min=1)
+        ratio = counts[None, :] / counts[:, None]
+        weights = weights * torch.where(ratio < 1, ratio.pow(p), torch.ones_like(ratio))[targets]
+    if q > 0:
+        scores = torch.softmax(logits.detach(), dim=1)
+        self_scores = gather_rows(scores, targets).clamp(min=eps)
+        score_ratio = scores / self_scores[:, None]
+        weights = weights * torch.where(score_ratio > 1, score_ratio.pow(q),
+                                        torch.ones_like(score_ratio))
+    return weights
 
 
 def _seesaw(logits, targets, class_counts, p, q, eps, normalizer, ignore_index):
     """Returns (loss, class term, objectness term), the terms detached."""
-    num_classes = logits.shape[1] - 2 if logits.dim() == 2 else -1
+    num_classes = _num_classes(class_counts)
     check_logits(logits, num_classes + 2, "Seesaw (C class columns + 2 objectness columns)")
     targets = check_targets(targets, logits, num_classes, ignore_index, "Seesaw")
     counts = check_class_vector(class_counts, num_classes, "class_counts", logits.device)

@@ -6,7 +6,6 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from ..functional._common import check_reduction
 from ..functional.focal import _check_focal_inputs, _equalized_focal, _focal, efl_gamma
 from ..stats import GradientStatistics
 from .base import GradientDrivenLoss, LongTailLoss

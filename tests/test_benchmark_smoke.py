@@ -1,0 +1,34 @@
+"""The benchmark script runs end to end (tiny sizes); timings are not asserted here."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_losses.py"
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run(tmp_path):
+    out = tmp_path / "table.md"
+    res = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--repeats", "2",
+                          "--no-memory", "--out", str(out)],
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "x |" in line]
+    assert len(rows) == 4
+    for row in rows:
+        ratio = float(re.search(r"\| ([0-9.]+)x \|", row).group(1))
+        assert ratio > 0
+
+
+@pytest.mark.slow
+def test_benchmark_memory_measurement_runs():
+    res = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--repeats", "1",
+                          "--cases", "softmax_eql_cls"], capture_output=True, text=True,
+                         timeout=240)
+    assert res.returncode == 0, res.stderr
+    extra = float(res.stdout.strip().splitlines()[-1].split("|")[-2])
+    assert -50 < extra < 50  # in logits-sized units

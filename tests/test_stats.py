@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from eqlosses import GradientStatistics
+
+
+def test_buffers_are_registered_float64_and_persistent():
+    stats = GradientStatistics(4)
+    assert set(stats.state_dict()) == {"pos_grad", "neg_grad", "num_updates", "num_skipped"}
+    assert stats.pos_grad.dtype == torch.float64 and stats.pos_grad.shape == (4,)
+
+
+def test_update_accumulates_and_ratio():
+    stats = GradientStatistics(3)
+    assert stats.update(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([2.0, 4.0, 0.0]))
+    assert stats.update(torch.tensor([1.0, 1.0, 0.0]), torch.tensor([2.0, 4.0, 0.0]))
+    assert stats.pos_grad.tolist() == [2.0, 1.0, 0.0]
+    assert stats.neg_grad.tolist() == [4.0, 8.0, 0.0]
+    ratio = stats.ratio(init=100.0)
+    torch.testing.assert_close(ratio, torch.tensor([0.5, 0.125, 100.0], dtype=torch.float64))
+    assert int(stats.num_updates) == 2
+
+
+def test_float32_increments_accumulate_in_float64():
+    stats = GradientStatistics(1)
+    for _ in range(1000):
+        stats.update(torch.tensor([0.1], dtype=torch.float32), torch.tensor([1e-8]))
+    expected = 1000 * float(torch.tensor(0.1, dtype=torch.float32))
+    assert abs(stats.pos_grad.item() - expected) < 1e-9
+
+
+def test_shape_checks_and_bad_arguments():
+    stats = GradientStatistics(3)
+    with pytest.raises(ValueError, match=r"\(3,\)"):
+        stats.update(torch.zeros(2), torch.zeros(2))
+    with pytest.raises(ValueError, match="positive int"):
+        GradientStatistics(0)
+    with pytest.raises(ValueError, match="dtype"):
+        GradientStatistics(3, dtype=torch.float16)
+
+
+def test_reset_and_float32_option():
+    stats = GradientStatistics(2, dtype=torch.float32)
+    stats.update(torch.ones(2), torch.ones(2))
+    assert stats.pos_grad.dtype == torch.float32
+    stats.reset()
+    assert stats.pos_grad.sum() == 0 and int(stats.num_updates) == 0
+
+
+def test_load_float32_checkpoint_keeps_float64():
+    src = GradientStatistics(2, dtype=torch.float32)
+    src.update(torch.tensor([0.5, 1.0]), torch.tensor([2.0, 3.0]))
+    dst = GradientStatistics(2)
+    dst.load_state_dict(src.state_dict())
+    assert dst.pos_grad.dtype == torch.float64 and dst.pos_grad.tolist() == [0.5, 1.0]
