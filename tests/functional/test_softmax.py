@@ -185,3 +185,13 @@ def test_softmax_bad_inputs():
     with pytest.raises(ValueError, match="floating"):
         softmax_eql_loss(torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 1]),
                          torch.zeros(3))
+
+
+@pytest.mark.parametrize("batch", [2, 20])
+def test_statistics_weighting_of_ignored_pixels(batch):
+    from eqlosses.functional._common import weighted_sum_except_dim1
+
+    x = torch.rand(batch, 3, 4, 5, dtype=torch.float64)
+    w = (torch.rand(batch, 4, 5) > 0.3).double()
+    expected = torch.einsum("nchw,nhw->c", x, w)
+    torch.testing.assert_close(weighted_sum_except_dim1(x, w), expected)

@@ -319,3 +319,20 @@ def test_softmax_eql_negative_indicator():
     torch.testing.assert_close(crit(z, t), expected)
     with pytest.raises(ValueError, match="indicator"):
         SoftmaxEQLLoss(C, indicator="both")
+
+
+def test_sigmoid_eql_without_objectness_column():
+    crit = SigmoidEQLLoss(C, objectness=False)
+    assert crit.num_channels == C
+    z = torch.randn(12, C, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, C, (12,))
+    # initial state: all weights 1, plain BCE over C columns
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        z, torch.nn.functional.one_hot(t, C).double(), reduction="sum") / 12
+    torch.testing.assert_close(crit(z, t), expected)
+    # statistics as with the objectness column, on the same foreground logits
+    with_bg = SigmoidEQLLoss(C)
+    with_bg(torch.cat([z.detach(), torch.zeros(12, 1, dtype=torch.float64)], 1), t)
+    torch.testing.assert_close(crit.stats.pos_grad, with_bg.stats.pos_grad)
+    torch.testing.assert_close(crit.stats.neg_grad, with_bg.stats.neg_grad)
+    torch.testing.assert_close(crit.scores(z), torch.sigmoid(z))

@@ -67,6 +67,9 @@ def check_targets(
         )
     targets = targets.long()
     if targets.numel():
+        low, top = torch.aminmax(targets)
+        if int(low) >= 0 and int(top) <= high:  # the common case: one reduction, no mask
+            return targets
         bad = ((targets < 0) | (targets > high)) & (targets != ignore_index)
         if bool(bad.any()):
             value = targets[bad][0].item()
@@ -172,14 +175,15 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def per_class_sum(values: torch.Tensor, classes: torch.Tensor, mask: Optional[torch.Tensor],
                   num_classes: int) -> torch.Tensor:
-    """``out[c] = sum of values[n] where classes[n] == c and mask[n]``, without a host sync."""
-    if mask is None:
-        out = torch.zeros(num_classes, dtype=values.dtype, device=values.device)
-        return out.index_add_(0, classes.reshape(-1), values.reshape(-1))
-    bins = torch.where(mask, classes, torch.full_like(classes, num_classes))
-    out = torch.zeros(num_classes + 1, dtype=values.dtype, device=values.device)
-    out.index_add_(0, bins.reshape(-1), (values * mask).reshape(-1))
-    return out[:num_classes]
+    """``out[c] = sum of values[n] where classes[n] == c and mask[n]``, without a host sync.
+
+    ``classes`` must be in ``[0, num_classes)`` everywhere (masked rows may hold any valid
+    class: their values are zeroed before they are added).
+    """
+    if mask is not None:
+        values = values * mask
+    out = torch.zeros(num_classes, dtype=values.dtype, device=values.device)
+    return out.index_add_(0, classes.reshape(-1), values.reshape(-1))
 
 
 def sum_except_dim1(x: torch.Tensor) -> torch.Tensor:
@@ -189,9 +193,18 @@ def sum_except_dim1(x: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_sum_except_dim1(x: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
-    """``sum_{n,*} x[n, c, *] * row_weight[n, *]`` for each class ``c``, as matrix products."""
+    """``sum_{n,*} x[n, c, *] * row_weight[n, *]`` for each class ``c``.
+
+    Matrix-vector products where they are fast (rows; a few images of many pixels), otherwise
+    a product and a sum.
+    """
     n, c = x.shape[:2]
     if x.dim() == 2:
         return row_weight @ x
-    flat = x.reshape(n, c, -1)
-    return torch.bmm(flat, row_weight.reshape(n, -1, 1)).sum(0).squeeze(1)
+    if n <= 16:
+        flat, w = x.reshape(n, c, -1), row_weight.reshape(n, -1)
+        out = flat[0] @ w[0]
+        for i in range(1, n):
+            out += flat[i] @ w[i]
+        return out
+    return sum_except_dim1(x * row_weight.unsqueeze(1))

@@ -118,15 +118,20 @@ def sigmoid_eql_weights(
 
 
 def _sigmoid_eql(logits, targets, ratio, num_classes, gamma, mu, alpha, ignore_index,
-                 reduction, want_stats) -> _Result:
+                 reduction, want_stats, objectness=True) -> _Result:
     check_reduction(reduction)
-    check_logits(logits, num_classes + 1, "Sigmoid-EQL (C foreground columns + 1 background)")
+    if objectness:
+        check_logits(logits, num_classes + 1,
+                     "Sigmoid-EQL (C foreground columns + 1 background)")
+    else:
+        check_logits(logits, num_classes, "Sigmoid-EQL without an objectness column")
     targets = check_targets(targets, logits, num_classes, ignore_index, "Sigmoid-EQL")
     ratio = check_class_vector(ratio, num_classes, "ratio", logits.device)
     pos_w, neg_w = sigmoid_eql_weights(ratio.to(compute_dtype(logits)), gamma, mu, alpha)
-    one = pos_w.new_ones(1)
-    res = _weighted_bce(logits, targets, torch.cat([pos_w, one]), torch.cat([neg_w, one]),
-                        ignore_index, reduction, want_stats)
+    if objectness:
+        one = pos_w.new_ones(1)
+        pos_w, neg_w = torch.cat([pos_w, one]), torch.cat([neg_w, one])
+    res = _weighted_bce(logits, targets, pos_w, neg_w, ignore_index, reduction, want_stats)
     if want_stats:  # the background column is trained but never in the statistics
         res = res._replace(pos_inc=res.pos_inc[:num_classes], neg_inc=res.neg_inc[:num_classes])
     return res
@@ -141,6 +146,7 @@ def sigmoid_eql_loss(
     alpha: float = 4.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    objectness: bool = True,
 ) -> torch.Tensor:
     """Sigmoid-EQL (EQL v2) for a given gradient ratio; the stateless twin of ``SigmoidEQLLoss``.
 
@@ -154,13 +160,15 @@ def sigmoid_eql_loss(
         targets: ``[N]`` int64 in ``[0, C]`` (``C`` = background) or ``ignore_index``.
         ratio: ``[C]`` accumulated gradient ratio ``g_j``.
         reduction: ``"mean"`` (sum / number of non-ignored rows), ``"sum"`` or ``"none"``.
+        objectness: ``False`` for logits ``[N, C]`` without the background column
+            (classification); target ``C`` then marks a row that is negative everywhere.
 
     >>> logits = torch.zeros(2, 3)
     >>> sigmoid_eql_loss(logits, torch.tensor([0, 2]), ratio=torch.full((2,), 100.0))
     tensor(2.0794)
     """
     return _sigmoid_eql(logits, targets, ratio, _num_classes(ratio), gamma, mu, alpha,
-                        ignore_index, reduction, want_stats=False).loss
+                        ignore_index, reduction, want_stats=False, objectness=objectness).loss
 
 
 # --------------------------------------------------------------------------------------------

@@ -70,13 +70,13 @@ def _adjusted_cross_entropy(
             prob = torch.log_softmax(z, dim=1)
             elem = -gather_rows(prob, col)
             prob = prob.exp_()
-            p_t = gather_rows(prob, col)
+            p_t = torch.exp(-elem)  # cheaper than a second strided gather
         del z
         # Ignored rows: their entries of `prob` are left as they are and weighted by 0 wherever
         # they are read (loss, statistics, gradient), which saves a pass over the logits.
         row_weight = None if all_valid else valid.to(dtype)
         if row_weight is not None:
-            elem = elem * row_weight
+            elem.mul_(row_weight)
 
         grad = pos_inc = neg_inc = None
         if want_stats or need_grad or return_grad:
@@ -87,7 +87,7 @@ def _adjusted_cross_entropy(
                     neg_inc = sum_except_dim1(grad)  # every remaining entry is a negative
                 else:
                     neg_inc = weighted_sum_except_dim1(grad, row_weight)
-                pos_inc = per_class_sum(1 - p_t, col, None if all_valid else valid, c)
+                pos_inc = per_class_sum(1 - p_t, col, row_weight, c)
             scatter_rows(grad, col, p_t - 1)
             if row_weight is not None and return_grad:
                 grad = grad * row_weight.unsqueeze(1)

@@ -28,6 +28,9 @@ class SigmoidEQLLoss(GradientDrivenLoss):
     through step t - 1. Initial ratio ``init_ratio`` (100: all weights 1 before the first step).
     Test-time scores: ``sigmoid(z_j) * (1 - sigmoid(z_bg))``.
 
+    With ``objectness=False`` the logits have ``C`` columns and no background column (a sigmoid
+    classifier for image classification); scores are then ``sigmoid(z)``.
+
     Deviations from the reference: no update in eval mode or without grad; no all-reduce
     crash without a process group; ignored rows supported (the reference has none).
 
@@ -49,24 +52,29 @@ class SigmoidEQLLoss(GradientDrivenLoss):
 
     def __init__(self, num_classes: int, gamma: float = 12.0, mu: float = 0.8,
                  alpha: float = 4.0, init_ratio: float = 100.0, ignore_index: int = -100,
-                 reduction: str = "mean", stats: Optional[GradientStatistics] = None):
+                 reduction: str = "mean", stats: Optional[GradientStatistics] = None,
+                 objectness: bool = True):
         super().__init__(num_classes, ignore_index, reduction, stats)
         self.gamma, self.mu, self.alpha, self.init_ratio = gamma, mu, alpha, init_ratio
-        self.num_channels = num_classes + 1
+        self.objectness = objectness
+        self.num_channels = num_classes + 1 if objectness else num_classes
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self._check_state_device(logits)
         update = self.updates_state
         res = _sigmoid_eql(logits, targets, self.stats.ratio(self.init_ratio), self.num_classes,
                            self.gamma, self.mu, self.alpha, self.ignore_index, self.reduction,
-                           want_stats=update)
+                           want_stats=update, objectness=self.objectness)
         if update:
             self.stats.update(res.pos_inc, res.neg_inc)
         return res.loss
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """``[N, C]`` class scores ``sigmoid(z_j) * (1 - sigmoid(z_bg))``."""
+        """``[N, C]`` class scores ``sigmoid(z_j) * (1 - sigmoid(z_bg))`` (``sigmoid(z)``
+        without an objectness column)."""
         p = torch.sigmoid(logits)
+        if not self.objectness:
+            return p
         return p[:, : self.num_classes] * (1 - p[:, self.num_classes :])
 
     def class_terms(self) -> Dict[str, torch.Tensor]:
