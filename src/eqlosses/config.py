@@ -1,0 +1,241 @@
+"""Typed run configuration: dataclasses, YAML files and dotted command-line overrides.
+
+A configuration is a tree of dataclasses. ``load_config(path, overrides)`` reads a YAML file
+(any subset of the keys; the rest keep their defaults), applies ``section.key=value``
+overrides (values parsed as YAML scalars: ``3``, ``0.5``, ``true``, ``null``, ``[1, 2]``) and
+checks every key: an unknown key is an error that lists the valid ones. The ``loss`` section
+is open: besides ``name`` it takes the chosen loss's keyword arguments (``loss.tau=1.5``),
+which the loss itself validates when it is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+__all__ = ["DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "EvalConfig",
+           "ClassificationConfig", "ConfigError", "load_config", "apply_overrides", "to_dict",
+           "from_dict", "save_config"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be applied."""
+
+
+@dataclass
+class DataConfig:
+    #: ``embedded`` (the Fashion-MNIST-LT subset shipped with the package), ``fashion_mnist``
+    #: (IDX files under ``root``, made long-tailed here), ``list`` (ImageNet-LT style list
+    #: files) or ``folder`` (torchvision image folders ``root/train``, ``root/val``).
+    name: str = "embedded"
+    root: Optional[str] = None
+    train_list: Optional[str] = None
+    val_list: Optional[str] = None
+    #: long-tailed profile for ``fashion_mnist``: n_k = n_max * imbalance^(-k / (C - 1))
+    imbalance: float = 100.0
+    n_max: Optional[int] = None
+    subset_seed: int = 0
+    #: ``instance``, ``class_balanced``, ``sqrt`` or ``rfs``
+    sampler: str = "instance"
+    rfs_threshold: float = 0.001
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    num_workers: int = 0
+    augment: bool = True
+    #: input size for image-list / image-folder data (resized and cropped)
+    image_size: int = 224
+
+
+@dataclass
+class ModelConfig:
+    #: ``small_cnn`` (28x28 inputs, CPU-friendly) or a torchvision ResNet
+    #: (``resnet18``, ``resnet34``, ``resnet50``)
+    name: str = "small_cnn"
+    width: int = 32
+    #: cosine classifier: normalised features and weights times ``cosine_scale``
+    cosine: bool = False
+    cosine_scale: float = 30.0
+    #: a local state-dict file to initialise the backbone from (nothing is downloaded)
+    pretrained: Optional[str] = None
+
+
+@dataclass
+class LossConfig:
+    name: str = "softmax_eql"
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    epochs: int = 30
+    schedule: str = "cosine"  # cosine | step | constant
+    milestones: List[int] = field(default_factory=lambda: [20, 25])
+    step_gamma: float = 0.1
+    warmup_epochs: float = 1.0
+    grad_clip: Optional[float] = None
+    #: ``auto`` (float16 with loss scaling on CUDA, off on CPU), ``off``, ``fp16``, ``bf16``
+    amp: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    #: many > many_above, few < few_below training images, medium in between
+    many_above: int = 100
+    few_below: int = 20
+    every_epochs: int = 1
+
+
+@dataclass
+class ClassificationConfig:
+    task: str = "cls"
+    name: Optional[str] = None
+    output_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = False
+    log_every: int = 20
+    stats_every: int = 10
+    checkpoint_every_steps: int = 0
+    tensorboard: bool = True
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+Config = ClassificationConfig
+
+
+def _yaml():
+    try:
+        import yaml
+    except ImportError:  # pragma: no cover - exercised without the extra only
+        raise ImportError("YAML configs need PyYAML: pip install 'eqlosses[cli]'") from None
+    return yaml
+
+
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    """A plain nested dict (the loss section flattened to ``name`` plus its arguments)."""
+    out: Dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, LossConfig):
+            out[f.name] = {"name": value.name, **value.kwargs}
+        elif dataclasses.is_dataclass(value):
+            out[f.name] = to_dict(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def _set(cfg: Any, path: List[str], value: Any, where: str) -> None:
+    key = path[0]
+    if isinstance(cfg, LossConfig):
+        if len(path) != 1:
+            raise ConfigError(f"{where}: loss options are flat (loss.<name>=value), got "
+                              f"{'.'.join(path)}")
+        if key == "name":
+            cfg.name = _check_type(str, value, where)
+        else:
+            cfg.kwargs[key] = value
+        return
+    names = {f.name: f for f in dataclasses.fields(cfg)}
+    if key not in names:
+        raise ConfigError(f"{where}: unknown key '{key}' in {type(cfg).__name__}; valid keys: "
+                          f"{', '.join(sorted(names))}")
+    current = getattr(cfg, key)
+    if dataclasses.is_dataclass(current):
+        if len(path) == 1:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: '{key}' is a section; give a mapping or "
+                                  f"{key}.<option>=value")
+            for sub, subvalue in value.items():
+                _set(current, [str(sub)], subvalue, where)
+        else:
+            _set(current, path[1:], value, where)
+        return
+    if len(path) != 1:
+        raise ConfigError(f"{where}: '{key}' is not a section")
+    setattr(cfg, key, _check_type(names[key].type, value, f"{where}: {key}"))
+
+
+def _check_type(annotation: Any, value: Any, where: str) -> Any:
+    text = str(annotation)
+    if value is None:
+        if "Optional" in text or "None" in text:
+            return None
+        raise ConfigError(f"{where}: null is not allowed here (expected {text})")
+    if "bool" in text and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if text in ("int", "Optional[int]") and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if "float" in text and not "List" in text:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if text in ("str", "Optional[str]") and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if text.startswith("List") and not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    return value
+
+
+def from_dict(data: Dict[str, Any], cfg: Optional[ClassificationConfig] = None,
+              where: str = "config") -> ClassificationConfig:
+    """Apply a nested mapping onto ``cfg`` (default: a fresh default configuration)."""
+    cfg = cfg if cfg is not None else ClassificationConfig()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level, got "
+                          f"{type(data).__name__}")
+    for key, value in data.items():
+        _set(cfg, [str(key)], value, where)
+    return cfg
+
+
+def apply_overrides(cfg: ClassificationConfig, overrides: List[str]) -> ClassificationConfig:
+    """Apply ``section.key=value`` strings; values are parsed as YAML scalars."""
+    yaml = _yaml()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. loss.tau=1.5")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': cannot parse the value: {err}") from None
+        _set(cfg, key.strip().split("."), value, f"override '{item}'")
+    return cfg
+
+
+def load_config(path: Union[str, Path, None] = None, overrides: Optional[List[str]] = None
+                ) -> ClassificationConfig:
+    """Defaults, then the YAML file (if any), then the overrides."""
+    cfg = ClassificationConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        yaml = _yaml()
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        from_dict(data, cfg, where=str(path))
+    return apply_overrides(cfg, overrides or [])
+
+
+def save_config(cfg: ClassificationConfig, path: Union[str, Path]) -> Path:
+    """Write the resolved configuration as YAML."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_yaml().safe_dump(to_dict(cfg), sort_keys=False))
+    return path

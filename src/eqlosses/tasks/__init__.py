@@ -1,0 +1,1 @@
+"""Training tasks built on the core: classification (detection and segmentation to come)."""

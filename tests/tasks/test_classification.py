@@ -1,0 +1,173 @@
+"""The classification pipeline on the embedded data, at tiny sizes (seconds each)."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from eqlosses.config import load_config
+from eqlosses.tasks import classification as cls
+from eqlosses.tasks.common import load_checkpoint
+
+TINY = ["model.width=4", "data.batch_size=256", "data.eval_batch_size=1000", "optim.epochs=2",
+        "optim.warmup_epochs=0", "progress=false", "tensorboard=false", "log_every=1",
+        "stats_every=1"]
+
+
+def _cfg(tmp_path, *extra, name="run"):
+    return load_config(None, TINY + [f"output_dir={tmp_path}", f"name={name}", *extra])
+
+
+def _state(run_dir):
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    return ckpt["model"], ckpt["criterion"], ckpt
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _assert_loss_went_down(run_dir):
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "step"]
+    assert len(losses) >= 8 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_train_writes_outputs_and_sensible_metrics(tmp_path):
+    cfg = _cfg(tmp_path, "loss.name=softmax_eql")
+    result = cls.train(cfg)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "log.jsonl", "stats.jsonl", "checkpoint.pt", "metrics.json"):
+        assert (run / name).is_file(), name
+    m = result["metrics"]
+    assert 0.15 < m["top1"] <= 1.0  # two tiny epochs beat chance (0.1) on the balanced test
+    assert set(m["groups"]) == {"few", "medium", "many"}
+    assert len(m["per_class_accuracy"]) == 10
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["metrics"]["top1"] == m["top1"]
+    kinds = [json.loads(line)["kind"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert kinds[0] == "start" and kinds.count("eval") == 2
+    _, criterion, ckpt = _state(run)
+    assert int(criterion["stats.num_updates"]) == ckpt["step"] > 0
+    with pytest.raises(FileExistsError, match="--resume"):
+        cls.train(cfg)
+
+
+def test_resume_after_an_epoch_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    straight = _cfg(tmp_path, name="straight")
+    cls.train(straight)
+    split = _cfg(tmp_path, name="split")
+
+    def stop(*args, **kwargs):  # killed right after the end-of-epoch checkpoint
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(cls, "evaluate", stop)
+        with pytest.raises(KeyboardInterrupt):
+            cls.train(split)
+    assert load_checkpoint(tmp_path / "split" / "checkpoint.pt")["epoch"] == 1
+    cls.train(split, resume=True)
+    a_model, a_crit, _ = _state(tmp_path / "straight")
+    b_model, b_crit, _ = _state(tmp_path / "split")
+    _assert_same(a_model, b_model)
+    _assert_same(a_crit, b_crit)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+def test_a_run_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch, how):
+    straight = _cfg(tmp_path, "checkpoint_every_steps=2", name="straight")
+    cls.train(straight)
+    stopped = _cfg(tmp_path, "checkpoint_every_steps=2", name="stopped")
+    original = cls.Progress.update
+    calls = {"n": 0}
+
+    def stop_at_step_5(self, done, samples, **values):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt if how == "ctrl-c" else RuntimeError("killed")
+        return original(self, done, samples, **values)
+
+    monkeypatch.setattr(cls.Progress, "update", stop_at_step_5)
+    with pytest.raises(KeyboardInterrupt if how == "ctrl-c" else RuntimeError):
+        cls.train(stopped)
+    monkeypatch.setattr(cls.Progress, "update", original)
+    ckpt = load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")
+    # Ctrl-C saves at the step it interrupted; a kill loses only the steps since step 4
+    assert ckpt["step"] == (5 if how == "ctrl-c" else 4)
+    cls.train(stopped, resume=True)
+    a_model, a_crit, _ = _state(tmp_path / "straight")
+    b_model, b_crit, _ = _state(tmp_path / "stopped")
+    _assert_same(a_model, b_model)
+    _assert_same(a_crit, b_crit)
+
+
+def test_incompatible_checkpoint_and_bad_choices_are_clear_errors(tmp_path):
+    cls.train(_cfg(tmp_path, "optim.epochs=1", "loss.name=ce", name="ce"))
+    with pytest.raises(ValueError, match="loss 'ce' in the checkpoint"):
+        cls.train(_cfg(tmp_path, "optim.epochs=1", "loss.name=focal", name="ce"), resume=True)
+    with pytest.raises(ValueError, match="detection loss"):
+        cls.train(_cfg(tmp_path, "loss.name=seesaw", name="x"))
+    with pytest.raises(ValueError, match="unknown loss"):
+        cls.train(_cfg(tmp_path, "loss.name=eqlv9", name="y"))
+    with pytest.raises(ValueError, match="bad arguments"):
+        cls.train(_cfg(tmp_path, "loss.name=softmax_eql", "loss.taus=2", name="z"))
+    with pytest.raises(ValueError, match="unknown model"):
+        cls.train(_cfg(tmp_path, "model.name=vgg", name="w"))
+
+
+@pytest.mark.parametrize("loss", ["ce", "balanced_softmax", "sigmoid_eql", "efl", "eql",
+                                  "eql_softmax", "federated", "focal", "bce"])
+def test_every_classification_loss_trains(tmp_path, loss):
+    cls.train(_cfg(tmp_path, "optim.epochs=1", f"loss.name={loss}", name=loss))
+    _assert_loss_went_down(tmp_path / loss)
+
+
+@pytest.mark.parametrize("sampler", ["class_balanced", "sqrt", "rfs"])
+def test_samplers_and_cosine_classifier(tmp_path, sampler):
+    cfg = _cfg(tmp_path, "optim.epochs=1", f"data.sampler={sampler}", "model.cosine=true",
+               "data.rfs_threshold=0.2", name=sampler)
+    cls.train(cfg)
+    _assert_loss_went_down(tmp_path / sampler)
+
+
+def test_evaluate_checkpoint_reproduces_the_final_metrics(tmp_path):
+    result = cls.train(_cfg(tmp_path, "optim.epochs=1", name="e"))
+    metrics, _ = cls.evaluate_checkpoint(tmp_path / "e" / "checkpoint.pt", "cpu")
+    assert metrics["top1"] == result["metrics"]["top1"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cfg = load_config(None, TINY + ["optim.epochs=1", f"output_dir={out_dir}", "name=ddp"])
+    result = cls.train(cfg)
+    import torch.distributed as dist
+
+    crit = load_checkpoint(os.path.join(out_dir, "ddp", "checkpoint.pt"))["criterion"] \
+        if rank == 0 else None
+    torch.save({"metrics": result["metrics"], "criterion": crit}, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_evaluate_without_double_counting(tmp_path):
+    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert r0["metrics"] == r1["metrics"]  # the all-reduced evaluation is the same everywhere
+    assert r0["metrics"]["num_samples"] == 3000  # every test image counted exactly once
+    assert int(r0["criterion"]["stats.num_updates"]) > 0

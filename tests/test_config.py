@@ -1,0 +1,51 @@
+import pytest
+
+from eqlosses.config import (ClassificationConfig, ConfigError, from_dict, load_config,
+                             save_config, to_dict)
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("seed: 3\noptim:\n  lr: 0.2\n  milestones: [5, 8]\nloss:\n  name: "
+                    "balanced_softmax\n  tau: 2\n")
+    cfg = load_config(path, ["optim.lr=0.3", "loss.tau=1.5", "model.cosine=true",
+                             "data.n_max=null"])
+    assert cfg.seed == 3 and cfg.optim.lr == 0.3 and cfg.optim.milestones == [5, 8]
+    assert cfg.loss.name == "balanced_softmax" and cfg.loss.kwargs == {"tau": 1.5}
+    assert cfg.model.cosine is True and cfg.data.n_max is None
+    assert cfg.optim.epochs == ClassificationConfig().optim.epochs  # untouched default
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["loss.name=softmax_eql", "loss.tau=0.5", "data.sampler=rfs"])
+    path = save_config(cfg, tmp_path / "out" / "config.yaml")
+    again = load_config(path)
+    assert to_dict(again) == to_dict(cfg)
+    assert to_dict(from_dict(to_dict(cfg))) == to_dict(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown key 'lrr'.*valid keys: .*lr"),
+    ("optim.lr=fast", "expected a number"),
+    ("model.cosine=3", "expected true or false"),
+    ("optim.epochs=2.5", "expected an integer"),
+    ("data=3", "is a section"),
+    ("seed.x=1", "not a section"),
+    ("loss.tau", "expected key=value"),
+    ("optim.epochs=null", "null is not allowed"),
+])
+def test_bad_overrides_say_what_to_fix(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
