@@ -12,8 +12,6 @@ equal to the statistics of one process seeing the concatenated batch.
 """
 
 import os
-import socket
-import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -22,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from eqlosses import EqualizedFocalLoss, SeesawLoss, SigmoidEQLLoss, SoftmaxEQLLoss
 from eqlosses.distributed import mean_across_processes, rank, world_size
 from eqlosses.functional import seesaw_loss
+from tests.dist_utils import free_port, spawn_and_wait
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +38,6 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=30)  # a collective missing on one rank e
 # Spawning machinery (children run module-level functions, so everything here is picklable)
 # --------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(r, scenario, port, out_dir, payload):
@@ -61,20 +55,8 @@ def _worker(r, scenario, port, out_dir, payload):
 
 def _spawn(scenario, payload, out_dir: Path):
     """Run ``scenario(rank, payload)`` on 2 gloo ranks; return the ranks' results."""
-    port = _free_port()
-    ctx = mp.spawn(_worker, args=(scenario, port, str(out_dir), payload), nprocs=WORLD,
-                   join=False)
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    # join() raises (with the child's traceback) as soon as one child fails.
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            for p in ctx.processes:
-                p.join(5)
-            pytest.fail(f"{scenario.__name__}: the 2-process run did not finish within "
-                        f"{JOIN_TIMEOUT_S:.0f} s (a collective is probably missing on one rank)")
+    spawn_and_wait(_worker, (scenario, free_port(), str(out_dir), payload), WORLD,
+                   JOIN_TIMEOUT_S, f"{scenario.__name__}: the 2-process run")
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 

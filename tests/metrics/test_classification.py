@@ -4,19 +4,17 @@ handling, and a real two-process gloo run of sync()."""
 import json
 import math
 import os
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from eqlosses.data.frequency import FrequencyGroups, many_medium_few_groups
 from eqlosses.metrics import ClassificationMetrics
 from eqlosses.metrics import classification as classification_module
+from tests.dist_utils import free_port, spawn_and_wait
 
 
 def same(a, b):
@@ -231,10 +229,6 @@ WORLD = 2
 JOIN_TIMEOUT_S = 90.0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _eval_worker(rank, port, out_dir, shards, num_classes, counts):
@@ -278,16 +272,8 @@ def test_two_process_sync_equals_one_process_on_all_samples(tmp_path: Path):
     shards = [(scores[idx[r::WORLD]], targets[idx[r::WORLD]], ~is_pad[r::WORLD])
               for r in range(WORLD)]
 
-    port = _free_port()
-    ctx = mp.spawn(_eval_worker, args=(port, str(tmp_path), shards, c, counts), nprocs=WORLD,
-                   join=False)
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail("the 2-process evaluation did not finish in time")
+    spawn_and_wait(_eval_worker, (free_port(), str(tmp_path), shards, c, counts), WORLD,
+                   JOIN_TIMEOUT_S, "the 2-process evaluation")
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     single = ClassificationMetrics(c, topk=(1, 5))

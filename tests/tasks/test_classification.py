@@ -2,15 +2,14 @@
 
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from eqlosses.config import load_config
 from eqlosses.tasks import classification as cls
 from eqlosses.tasks.common import load_checkpoint
+from tests.dist_utils import free_port, spawn_and_wait
 
 TINY = ["model.width=4", "data.batch_size=256", "data.eval_batch_size=1000", "optim.epochs=2",
         "optim.warmup_epochs=0", "progress=false", "tensorboard=false", "log_every=1",
@@ -142,10 +141,6 @@ def test_evaluate_checkpoint_reproduces_the_final_metrics(tmp_path):
     assert metrics["top1"] == result["metrics"]["top1"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_worker(rank, port, out_dir):
@@ -165,9 +160,18 @@ def _ddp_worker(rank, port, out_dir):
 
 @pytest.mark.slow
 def test_two_processes_train_and_evaluate_without_double_counting(tmp_path):
-    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_and_wait(_ddp_worker, (free_port(), str(tmp_path)), 2, 300, "2-process training")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert r0["metrics"] == r1["metrics"]  # the all-reduced evaluation is the same everywhere
     assert r0["metrics"]["num_samples"] == 3000  # every test image counted exactly once
     assert int(r0["criterion"]["stats.num_updates"]) > 0
+
+
+def test_bfloat16_autocast_and_gradient_clipping(tmp_path):
+    cfg = _cfg(tmp_path, "optim.epochs=1", "optim.amp=bf16", "optim.grad_clip=1.0",
+               "optim.schedule=step", "optim.name=adamw", "optim.lr=0.003", name="amp")
+    cls.train(cfg)
+    _assert_loss_went_down(tmp_path / "amp")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        cls.train(_cfg(tmp_path, "optim.amp=fp16", name="fp16"))

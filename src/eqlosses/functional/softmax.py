@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 from .sigmoid import _num_classes
 from ._common import (check_class_vector, check_logits, check_reduction, check_targets,
