@@ -15,7 +15,7 @@ from typing import Dict, Iterable, Tuple
 import torch
 
 __all__ = ["class_counts", "image_counts", "class_frequency", "FrequencyGroups", "lvis_groups",
-           "many_medium_few_groups"]
+           "many_medium_few_groups", "head_to_tail"]
 
 
 def class_counts(labels: torch.Tensor, num_classes: int, ignore_index: int = -100
@@ -69,6 +69,19 @@ def class_frequency(counts: torch.Tensor, total: int | float | None = None) -> t
     if total <= 0:
         raise ValueError(f"total must be positive, got {total}")
     return counts / total
+
+
+_HEAD_TO_TAIL = ("many", "frequent", "head", "medium", "common", "body", "few", "rare", "tail")
+
+
+def head_to_tail(names: Iterable[str]) -> list[str]:
+    """Group names ordered from the most to the least frequent (unknown names last).
+
+    >>> head_to_tail(["few", "medium", "many"])
+    ['many', 'medium', 'few']
+    """
+    order = {name: i for i, name in enumerate(_HEAD_TO_TAIL)}
+    return sorted(names, key=lambda n: order.get(n, len(order)))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ..data.frequency import head_to_tail
+
 __all__ = ["write_html_report"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -93,6 +95,7 @@ def _results_table(runs: Sequence[Mapping[str, Any]]) -> Tuple[str, List[str]]:
     groups: List[str] = []
     for run in runs:
         groups.extend(g for g in (run["metrics"].get("groups") or {}) if g not in groups)
+    groups = head_to_tail(groups)
     columns = [("top1", "Top-1 (%)"), ("balanced_accuracy", "Balanced acc. (%)")]
     columns += [(g, f"{g} (%)") for g in groups]
     values: List[List[Optional[float]]] = []

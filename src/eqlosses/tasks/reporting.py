@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
+from ..data.frequency import head_to_tail
+
 __all__ = ["load_run", "format_table", "report_run", "compare_runs"]
 
 
@@ -41,8 +43,7 @@ def format_table(runs: Sequence[Dict[str, Any]]) -> str:
         for name in run["metrics"].get("groups", {}):
             if name not in group_names:
                 group_names.append(name)
-    head_first = ("many", "medium", "few", "frequent", "common", "rare")
-    group_names.sort(key=lambda g: head_first.index(g) if g in head_first else len(head_first))
+    group_names = head_to_tail(group_names)
     width = max([len("run")] + [len(r["name"]) for r in runs])
     head = f"{'run':<{width}}  {'loss':<16} {'top1':>6} {'bal.':>6} " + " ".join(
         f"{g:>6}" for g in group_names)
