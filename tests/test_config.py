@@ -59,3 +59,18 @@ def test_shipped_configs_are_valid():
     for path in configs:
         cfg = load_config(path)
         assert cfg.loss.name and cfg.optim.epochs > 0, path
+
+
+@pytest.mark.parametrize("override, message", [
+    ("log_every=0", "log_every must be >= 1"),
+    ("eval.every_epochs=0", "eval.every_epochs must be >= 1"),
+    ("data.batch_size=0", "data.batch_size must be >= 1"),
+    ("optim.epochs=-3", "optim.epochs must be >= 1"),
+    ("optim.lr=0", "optim.lr must be > 0"),
+    ("loss.name=3", "expected a string"),
+    ("optim.milestones=[a]", "list of integers"),
+    ("eval.few_below=500", "must not exceed"),
+])
+def test_values_out_of_range_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

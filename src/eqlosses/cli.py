@@ -149,7 +149,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("\ninterrupted: a checkpoint was saved; continue with --resume", file=sys.stderr)
+        hint = ("; training saves a checkpoint at the step it stops at: continue with --resume"
+                if args.command in ("train", "demo") else "")
+        print(f"\ninterrupted{hint}", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"eqlosses: error: {err}", file=sys.stderr)

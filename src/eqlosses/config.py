@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Union
 
 __all__ = ["DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "EvalConfig",
            "ClassificationConfig", "ConfigError", "load_config", "apply_overrides", "to_dict",
-           "from_dict", "save_config"]
+           "from_dict", "save_config", "validate"]
 
 
 class ConfigError(ValueError):
@@ -51,7 +51,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     #: ``small_cnn`` (28x28 inputs, CPU-friendly) or a torchvision ResNet
-    #: (``resnet18``, ``resnet34``, ``resnet50``)
+    #: (``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``)
     name: str = "small_cnn"
     width: int = 32
     #: cosine classifier: normalised features and weights times ``cosine_scale``
@@ -112,9 +112,6 @@ class ClassificationConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-Config = ClassificationConfig
-
-
 def _yaml():
     try:
         import yaml
@@ -144,7 +141,7 @@ def _set(cfg: Any, path: List[str], value: Any, where: str) -> None:
             raise ConfigError(f"{where}: loss options are flat (loss.<name>=value), got "
                               f"{'.'.join(path)}")
         if key == "name":
-            cfg.name = _check_type(str, value, where)
+            cfg.name = _check_type("str", value, where)
         else:
             cfg.kwargs[key] = value
         return
@@ -184,9 +181,46 @@ def _check_type(annotation: Any, value: Any, where: str) -> Any:
         return float(value)
     if text in ("str", "Optional[str]") and not isinstance(value, str):
         raise ConfigError(f"{where}: expected a string, got {value!r}")
-    if text.startswith("List") and not isinstance(value, list):
-        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    if text.startswith("List"):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if "int" in text and not all(isinstance(v, int) and not isinstance(v, bool)
+                                     for v in value):
+            raise ConfigError(f"{where}: expected a list of integers, got {value!r}")
     return value
+
+
+#: (section, key) -> (lowest allowed value, whether the bound is inclusive)
+_LOWER_BOUNDS = {
+    ("", "log_every"): (1, True), ("", "stats_every"): (1, True),
+    ("", "checkpoint_every_steps"): (0, True),
+    ("data", "batch_size"): (1, True), ("data", "eval_batch_size"): (1, True),
+    ("data", "num_workers"): (0, True), ("data", "imbalance"): (1, True),
+    ("data", "n_max"): (1, True), ("data", "rfs_threshold"): (0, False),
+    ("data", "image_size"): (8, True), ("model", "width"): (1, True),
+    ("model", "cosine_scale"): (0, False), ("optim", "lr"): (0, False),
+    ("optim", "epochs"): (1, True), ("optim", "warmup_epochs"): (0, True),
+    ("optim", "weight_decay"): (0, True), ("optim", "momentum"): (0, True),
+    ("optim", "step_gamma"): (0, False), ("optim", "grad_clip"): (0, False),
+    ("eval", "many_above"): (0, True), ("eval", "few_below"): (1, True),
+    ("eval", "every_epochs"): (1, True),
+}
+
+
+def validate(cfg: ClassificationConfig) -> ClassificationConfig:
+    """Range checks that types alone cannot express; raises ConfigError naming the key."""
+    for (section, key), (low, inclusive) in _LOWER_BOUNDS.items():
+        value = getattr(getattr(cfg, section) if section else cfg, key)
+        if value is None:
+            continue
+        if value < low or (value == low and not inclusive):
+            name = f"{section}.{key}" if section else key
+            relation = ">=" if inclusive else ">"
+            raise ConfigError(f"{name} must be {relation} {low}, got {value}")
+    if cfg.eval.few_below > cfg.eval.many_above + 1:
+        raise ConfigError(f"eval.few_below ({cfg.eval.few_below}) must not exceed "
+                          f"eval.many_above + 1 ({cfg.eval.many_above + 1})")
+    return cfg
 
 
 def from_dict(data: Dict[str, Any], cfg: Optional[ClassificationConfig] = None,
@@ -230,7 +264,7 @@ def load_config(path: Union[str, Path, None] = None, overrides: Optional[List[st
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         from_dict(data, cfg, where=str(path))
-    return apply_overrides(cfg, overrides or [])
+    return validate(apply_overrides(cfg, overrides or []))
 
 
 def save_config(cfg: ClassificationConfig, path: Union[str, Path]) -> Path:

@@ -43,15 +43,20 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def mean_across_processes(value: torch.Tensor | float) -> torch.Tensor:
+def mean_across_processes(value: torch.Tensor | float,
+                          device: torch.device | str | None = None) -> torch.Tensor:
     """The mean of ``value`` over all processes (one all-reduce), as a float tensor.
 
     This is the normaliser that one-stage detectors use for focal-style losses: the number of
     positive anchors averaged over processes, so that every rank divides by the same number.
+    A tensor stays on its device; a Python number goes to ``device`` (with NCCL, pass the
+    GPU).
 
     >>> mean_across_processes(7.0)
     tensor(7.)
     """
-    t = torch.as_tensor(value, dtype=torch.float32).clone()
+    if device is None and isinstance(value, torch.Tensor):
+        device = value.device
+    t = torch.as_tensor(value, dtype=torch.float32, device=device).clone()
     all_reduce_sum_(t)
     return t / world_size()

@@ -336,3 +336,36 @@ def test_sigmoid_eql_without_objectness_column():
     torch.testing.assert_close(crit.stats.pos_grad, with_bg.stats.pos_grad)
     torch.testing.assert_close(crit.stats.neg_grad, with_bg.stats.neg_grad)
     torch.testing.assert_close(crit.scores(z), torch.sigmoid(z))
+
+
+def test_argument_and_state_errors():
+    with pytest.raises(ValueError, match="expects 5"):
+        FocalLoss(5)(torch.randn(4, 4), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_classes=3"):
+        SeesawLoss(3).load_state_dict(SeesawLoss(4).state_dict())
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        softmax_eql_loss(torch.randn(2, 3), torch.tensor([0, 1]), torch.zeros(3), eps=0.0)
+    with pytest.raises(ValueError, match="focal_gamma"):
+        equalized_focal_loss(torch.randn(2, 3), torch.tensor([0, 3]), torch.ones(3),
+                             focal_gamma=0.0)
+    with pytest.raises(ValueError, match="normalizer must be > 0"):
+        equalized_focal_loss(torch.randn(2, 3), torch.tensor([0, 3]), torch.ones(3),
+                             normalizer=0.0)
+    with pytest.warns(UserWarning, match="no class has a frequency below"):
+        EQLLoss(3, class_frequency=torch.tensor([0.5, 0.3, 0.2]))
+
+
+def test_eql_softmax_with_an_ignore_label_above_the_classes():
+    crit = EQLSoftmaxLoss(3, class_frequency=torch.tensor([0.5, 1e-4, 1e-4]), lambda_=1e-3,
+                          gamma=1.0, ignore_index=255)
+    z = torch.randn(4, 3, requires_grad=True)
+    loss = crit(z, torch.tensor([0, 255, 1, 255]))
+    loss.backward()
+    assert torch.isfinite(loss) and (z.grad[[1, 3]] == 0).all()
+
+
+def test_mean_across_processes_keeps_the_device():
+    from eqlosses.distributed import mean_across_processes
+
+    assert mean_across_processes(torch.tensor(3, device="meta")).device.type == "meta"
+    assert mean_across_processes(2, device="meta").device.type == "meta"

@@ -61,13 +61,13 @@ def test_report_table_figures_and_notes(tmp_path, runs):
     rows = re.findall(r"<tr>(.*?)</tr>", text, flags=re.S)
     assert len(rows) == 3  # header + one per run
     header = re.findall(r"<th>(.*?)</th>", rows[0])
-    assert header == ["Run", "Loss", "Top-1 (%)", "Balanced acc. (%)", "few (%)",
-                      "medium (%)", "many (%)"]
+    assert header == ["Run", "Loss", "Top-1 (%)", "Balanced acc. (%)", "many (%)",
+                      "medium (%)", "few (%)"]  # head to tail
     cells = [re.sub(r"<.*?>", "", c) for c in re.findall(r"<td[^>]*>.*?</td>", rows[1])]
-    assert cells == ["CE baseline", "CrossEntropyLoss", "50.00", "50.00", "0.00", "50.00",
-                     "100.00"]
+    assert cells == ["CE baseline", "CrossEntropyLoss", "50.00", "50.00", "100.00", "50.00",
+                     "0.00"]
     cells = [re.sub(r"<.*?>", "", c) for c in re.findall(r"<td[^>]*>.*?</td>", rows[2])]
-    assert cells[2:] == ["75.00", "75.00", "50.00", "100.00", "75.00"]
+    assert cells[2:] == ["75.00", "75.00", "75.00", "100.00", "50.00"]
     assert '<td class="num best">75.00</td>' in rows[2]  # the best top-1 is bold
     assert '<td class="num best">100.00</td>' in rows[1]  # the best "many" is CE's
 

@@ -175,3 +175,53 @@ def test_bfloat16_autocast_and_gradient_clipping(tmp_path):
     _assert_loss_went_down(tmp_path / "amp")
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         cls.train(_cfg(tmp_path, "optim.amp=fp16", name="fp16"))
+
+
+def test_ctrl_c_during_a_step_finishes_the_step_then_saves(tmp_path, monkeypatch):
+    import signal
+
+    straight = _cfg(tmp_path, name="straight")
+    cls.train(straight)
+    stopped = _cfg(tmp_path, name="stopped")
+    original = torch.optim.SGD.zero_grad
+    calls = {"n": 0}
+
+    def sigint_in_step_5(self, *args, **kwargs):  # a real Ctrl-C between forward and backward
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "zero_grad", sigint_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        cls.train(stopped)
+    monkeypatch.setattr(torch.optim.SGD, "zero_grad", original)
+    ckpt = load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")
+    assert ckpt["step"] == 5 and int(ckpt["criterion"]["stats.num_updates"]) == 5
+    cls.train(stopped, resume=True)
+    _assert_same(_state(tmp_path / "straight")[0], _state(tmp_path / "stopped")[0])
+    steps = [json.loads(line)["step"] for line in
+             (tmp_path / "stopped" / "stats.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # each step recorded once, in order
+
+
+def test_stochastic_loss_resumes_exactly_across_evaluation(tmp_path, monkeypatch):
+    extra = ("loss.name=eql_softmax", "loss.lambda_=0.05")
+    cls.train(_cfg(tmp_path, *extra, name="straight"))
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(cls, "evaluate", stop)
+        with pytest.raises(KeyboardInterrupt):
+            cls.train(_cfg(tmp_path, *extra, name="split"))
+    cls.train(_cfg(tmp_path, *extra, name="split"), resume=True)
+    _assert_same(_state(tmp_path / "straight")[0], _state(tmp_path / "split")[0])
+
+
+def test_resume_with_another_sample_order_is_refused(tmp_path, monkeypatch):
+    cls.train(_cfg(tmp_path, "optim.epochs=1", name="r"))
+    with pytest.raises(ValueError, match="batch_size 256 in the checkpoint, 128 now"):
+        cls.train(_cfg(tmp_path, "optim.epochs=1", "data.batch_size=128", name="r"),
+                  resume=True)

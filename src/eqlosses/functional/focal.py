@@ -109,6 +109,8 @@ def _focal(
         if normalizer is None:
             norm = has_pos.sum().clamp(min=1).to(dtype)
         else:
+            if isinstance(normalizer, (int, float)) and not normalizer > 0:
+                raise ValueError(f"normalizer must be > 0, got {normalizer}")
             norm = torch.as_tensor(normalizer, dtype=dtype, device=z.device).detach()
             if norm.numel() != 1:
                 raise ValueError(f"normalizer must be a scalar, got shape {tuple(norm.shape)}")
@@ -143,6 +145,9 @@ def _check_focal_inputs(logits, targets, ratio, what, ignore_index, reduction):
 def _equalized_focal(logits, targets, ratio, focal_gamma, scale_factor, alpha, quality,
                      normalizer, ignore_index, reduction, want_stats) -> _Result:
     what = "EQFL" if quality is not None else "EFL"
+    if not focal_gamma > 0:
+        raise ValueError(f"focal_gamma must be > 0 (it divides the weighting factor), got "
+                         f"{focal_gamma}")
     targets, ratio = _check_focal_inputs(logits, targets, ratio, what, ignore_index, reduction)
     if quality is not None:
         if quality.shape != targets.shape or not quality.is_floating_point():

@@ -123,6 +123,8 @@ def softmax_eql_adjustment(indicator: torch.Tensor, tau: float = 1.0, eps: float
 
 def _softmax_eql(logits, targets, indicator, tau, eps, ignore_index, reduction, want_stats
                  ) -> _Result:
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0 (it floors the indicator inside a log), got {eps}")
     num_classes = _num_classes(indicator)
     targets = _check_softmax_inputs(logits, targets, num_classes, "Softmax-EQL", ignore_index,
                                     reduction)
@@ -242,7 +244,7 @@ def eql_softmax_loss(
     beta = torch.rand(logits.shape, generator=generator,
                       device=generator.device if generator is not None else logits.device)
     drop = (beta.to(logits.device) < gamma) & fg & tail.view((1, -1) + (1,) * (logits.dim() - 2))
-    drop.scatter_(1, targets.clamp(min=0).unsqueeze(1), False)
+    drop.scatter_(1, targets.masked_fill(targets == ignore_index, 0).unsqueeze(1), False)
     a = torch.zeros(logits.shape, dtype=compute_dtype(logits), device=logits.device)
     a.masked_fill_(drop, float("-inf"))
     return _adjusted_cross_entropy(logits, targets, a, ignore_index, reduction, False).loss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -9,6 +10,15 @@ from torch import nn
 
 from ..functional._common import check_device, check_reduction
 from ..stats import GradientStatistics
+
+
+def _warn_if_no_tail(class_frequency: torch.Tensor, lambda_: float) -> None:
+    """EQL v1 does nothing when no class is rarer than lambda_: say so instead of silently
+    training plain BCE/CE."""
+    if not bool((class_frequency < lambda_).any()):
+        warnings.warn(f"EQL: no class has a frequency below lambda_={lambda_} (the rarest is "
+                      f"{float(class_frequency.min()):.3g}), so the loss equals its plain "
+                      f"baseline; raise lambda_ to treat the tail as rare", stacklevel=3)
 
 
 class LongTailLoss(nn.Module):

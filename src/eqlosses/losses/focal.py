@@ -40,9 +40,9 @@ class FocalLoss(_SigmoidScores, LongTailLoss):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
                 normalizer: Normalizer = None) -> torch.Tensor:
-        targets, _ = _check_focal_inputs(logits, targets, None, "the focal loss",
-                                         self.ignore_index, self.reduction)
         g = torch.full((self.num_classes,), float(self.gamma), device=logits.device)
+        targets, _ = _check_focal_inputs(logits, targets, g, "the focal loss",
+                                         self.ignore_index, self.reduction)
         return _focal(logits, targets, g, torch.ones_like(g), self.alpha, None, normalizer,
                       self.ignore_index, self.reduction, want_stats=False).loss
 

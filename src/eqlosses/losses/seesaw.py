@@ -55,6 +55,14 @@ class SeesawLoss(LongTailLoss):
         return _seesaw(logits, targets, self.cum_samples[: self.num_classes], self.p, self.q,
                        self.eps, normalizer, self.ignore_index)[0]
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "cum_samples"
+        if key in state_dict and state_dict[key].shape != self.cum_samples.shape:
+            raise ValueError(f"checkpoint '{key}' has shape {tuple(state_dict[key].shape)}, "
+                             f"but this loss was built for num_classes={self.num_classes} "
+                             f"(expected ({self.num_classes + 1},))")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _apply(self, fn, recurse=True):  # keep the float64 counts through model.half()
         apply_keeping_dtype(self, fn)
         return self

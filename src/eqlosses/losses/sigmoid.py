@@ -9,7 +9,7 @@ import torch
 from ..functional.sigmoid import (_weighted_bce, eql_loss, federated_loss,
                                   sample_federated_classes)
 from ..functional._common import check_logits, check_reduction, check_targets
-from .base import LongTailLoss
+from .base import LongTailLoss, _warn_if_no_tail
 
 
 class _SigmoidScores:
@@ -47,6 +47,7 @@ class EQLLoss(_SigmoidScores, LongTailLoss):
                              _class_vector(class_frequency, num_classes, "class_frequency"))
         self.lambda_ = lambda_
         self.num_channels = num_classes
+        _warn_if_no_tail(self.class_frequency, lambda_)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return eql_loss(logits, targets, self.class_frequency, self.lambda_, self.ignore_index,

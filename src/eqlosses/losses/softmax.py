@@ -10,7 +10,7 @@ from ..functional.softmax import (_adjusted_cross_entropy, _check_softmax_inputs
                                   balanced_softmax_adjustment, eql_softmax_loss,
                                   softmax_eql_adjustment)
 from ..stats import GradientStatistics
-from .base import GradientDrivenLoss, LongTailLoss
+from .base import GradientDrivenLoss, LongTailLoss, _warn_if_no_tail
 
 INDICATORS = ("pos", "neg")
 
@@ -32,7 +32,11 @@ class SoftmaxEQLLoss(_SoftmaxScores, GradientDrivenLoss):
     ``I`` is the accumulated positive-gradient magnitude per class (``indicator="pos"``, the
     paper's choice) or the negative one (``"neg"``). Equivalent to logit adjustment with the
     class prior replaced by the normalised indicator. Initial ``I = 0``: step 0 is plain
-    cross-entropy. Statistics: ``|d loss / d z|`` at the raw logits, ``(softmax(z~) - y) / N``.
+    cross-entropy. Statistics: ``|d loss / d z|`` of the reduced loss at the raw logits,
+    ``(softmax(z~) - y) / N`` for the default mean (not divided by N for ``"sum"``/``"none"``).
+    With several processes each one divides by its own N, as the reference does: the
+    statistics are then ``world_size`` times those of one process on the whole batch (for
+    even splits), which leaves the margins' ratios unchanged except near ``eps``.
     Predict with the raw logits (``scores`` = softmax).
 
     Works for classification (``[N, C]``) and segmentation (``[B, C, H, W]`` logits with
@@ -158,6 +162,7 @@ class EQLSoftmaxLoss(_SoftmaxScores, LongTailLoss):
         self.lambda_, self.gamma, self.background, self.generator = (lambda_, gamma, background,
                                                                      generator)
         self.num_channels = num_classes + 1 if background else num_classes
+        _warn_if_no_tail(freq, lambda_)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         gamma = self.gamma if self.updates_state else 0.0

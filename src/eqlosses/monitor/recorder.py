@@ -120,7 +120,9 @@ class StatsRecorder:
             "num_updates": None if stats is None else int(stats.num_updates),
             "pos_grad": None if stats is None else _to_json(stats.pos_grad),
             "neg_grad": None if stats is None else _to_json(stats.neg_grad),
-            "ratio": None if stats is None else _to_json(stats.ratio(init=1.0)),
+            # the loss's own ratio where it has one (its initial value and clamping), else P/N
+            "ratio": None if stats is None else _to_json(
+                terms["ratio"] if "ratio" in terms else stats.ratio(init=1.0)),
             "terms": {str(name): _to_json(value) for name, value in terms.items()},
         }
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -25,7 +27,8 @@ from ..config import ClassificationConfig, LossConfig, save_config, to_dict
 from ..data.frequency import FrequencyGroups, class_counts, many_medium_few_groups
 from ..losses import LongTailLoss, build_loss
 from .common import (JsonlLog, Progress, init_distributed, load_checkpoint, maybe_tensorboard,
-                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state)
+                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state,
+                     truncate_jsonl)
 from .models import build_classifier
 
 __all__ = ["ClassificationData", "build_data", "build_criterion", "train", "train_one_epoch",
@@ -142,8 +145,8 @@ def _image_transforms(size: int, augment: bool):
 # Loss, optimiser, schedule
 # --------------------------------------------------------------------------------------------
 
-def build_criterion(loss_cfg: LossConfig, num_classes: int, train_counts: torch.Tensor
-                    ) -> LongTailLoss:
+def build_criterion(loss_cfg: LossConfig, num_classes: int, train_counts: torch.Tensor,
+                    generator: Optional[torch.Generator] = None) -> LongTailLoss:
     """The loss by name; data-dependent arguments (class counts, frequencies) are filled in
     from the training set unless the configuration gives them."""
     if loss_cfg.name in DETECTION_ONLY:
@@ -156,8 +159,8 @@ def build_criterion(loss_cfg: LossConfig, num_classes: int, train_counts: torch.
     injected = {
         "balanced_softmax": {"class_counts": counts},
         "eql": {"class_frequency": counts / counts.sum()},
-        "eql_softmax": {"class_frequency": counts / counts.sum()},
-        "federated": {"class_image_counts": counts},
+        "eql_softmax": {"class_frequency": counts / counts.sum(), "generator": generator},
+        "federated": {"class_image_counts": counts, "generator": generator},
         "sigmoid_eql": {"objectness": False},
     }.get(loss_cfg.name, {})
     for key, value in injected.items():
@@ -226,18 +229,50 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     batches_done: int = 0  # in the current epoch, on this rank
+    in_step: bool = False  # True between a batch's forward and its counters' update
+
+
+class StopRequest:
+    """Turns Ctrl-C (SIGINT) into a request honoured at the next step boundary, so that the
+    checkpoint saved on the way out never holds half a step. With several processes the
+    request is all-reduced each step, so every rank stops after the same step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+    def should_stop(self) -> bool:
+        if distributed.world_size() == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)])
+        distributed.all_reduce_sum_(flag)
+        return bool(flag.item() > 0)
 
 
 def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, device, amp_dtype,
                     state: TrainState, cfg: ClassificationConfig, log: JsonlLog, recorder,
-                    writer=None, on_step=None) -> None:
-    """One pass over ``loader`` (which starts where ``state.batches_done`` says)."""
+                    writer=None, on_step=None, stop: Optional[StopRequest] = None) -> None:
+    """One pass over ``loader`` (which starts where ``state.batches_done`` says). Raises
+    ``KeyboardInterrupt`` at a step boundary when ``stop`` was requested."""
     model.train()
     criterion.train()
-    progress = Progress(len(loader) + state.batches_done, f"epoch {state.epoch + 1}",
-                        cfg.progress, cfg.log_every)
+    progress = Progress(len(loader), f"epoch {state.epoch + 1}", cfg.progress, cfg.log_every)
     seen = 0
     for images, labels in loader:
+        state.in_step = True
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
@@ -254,6 +289,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, devi
         scheduler.step()
         state.step += 1
         state.batches_done += 1
+        state.in_step = False
         seen += len(labels)
         loss = loss.detach()
         if state.step % cfg.log_every == 0 or state.batches_done == 1:
@@ -267,6 +303,8 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, devi
         progress.update(state.batches_done, seen, loss=float(loss))
         if on_step is not None:
             on_step()
+        if stop is not None and stop.should_stop():
+            raise KeyboardInterrupt
 
 
 @torch.no_grad()
@@ -282,9 +320,13 @@ def evaluate(model: nn.Module, criterion: LongTailLoss, dataset: Dataset, num_cl
 
     model.eval()
     rank, world = distributed.rank(), distributed.world_size()
+    if world > 1:  # BatchNorm running statistics drift apart under DDP: evaluate rank 0's
+        for buf in model.buffers():
+            torch.distributed.broadcast(buf, 0)
     shard = Subset(dataset, list(range(rank, len(dataset), world))) if world > 1 else dataset
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    metrics = ClassificationMetrics(num_classes)
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        generator=torch.Generator())  # leaves the global RNG untouched
+    metrics = ClassificationMetrics(num_classes, device=device)
     for images, labels in loader:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
@@ -299,8 +341,34 @@ def run_dir_for(cfg: ClassificationConfig) -> Path:
     return Path(cfg.output_dir) / name
 
 
+def _run_layout(cfg: ClassificationConfig) -> Dict[str, Any]:
+    """What fixes the order of the samples: resuming needs all of it unchanged."""
+    d = cfg.data
+    return {"batch_size": d.batch_size, "world_size": distributed.world_size(),
+            "sampler": d.sampler, "rfs_threshold": d.rfs_threshold, "seed": cfg.seed,
+            "data": d.name, "imbalance": d.imbalance, "n_max": d.n_max,
+            "subset_seed": d.subset_seed, "augment": d.augment, "epochs": cfg.optim.epochs}
+
+
+def _per_rank(value: Any) -> list:
+    """``value`` from every rank, in rank order (one collective with several processes)."""
+    if distributed.world_size() == 1:
+        return [value]
+    out: list = [None] * distributed.world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def _rng_states(loss_generator: Optional[torch.Generator]) -> Dict[str, Any]:
+    state = rng_state()
+    if loss_generator is not None:
+        state["loss"] = loss_generator.get_state()
+    return state
+
+
 def _checkpoint(model, criterion, optimizer, scheduler, scaler, sampler_state, state, cfg,
-                num_classes) -> Dict[str, Any]:
+                num_classes, loss_generator=None) -> Dict[str, Any]:
+    rngs = _per_rank(_rng_states(loss_generator))
     return {
         "format": "eqlosses-cls-1",
         "config": to_dict(cfg),
@@ -314,12 +382,13 @@ def _checkpoint(model, criterion, optimizer, scheduler, scaler, sampler_state, s
         "epoch": state.epoch,
         "step": state.step,
         "batches_done": state.batches_done,
-        "rng": rng_state(),
+        "layout": _run_layout(cfg),
+        "rng": rngs,  # one entry per rank
     }
 
 
 def _check_compatible(ckpt: Dict[str, Any], cfg: ClassificationConfig, num_classes: int,
-                      path: Path) -> None:
+                      path: Path, check_layout: bool = True) -> None:
     if ckpt.get("format") != "eqlosses-cls-1":
         raise ValueError(f"{path} is not an eqlosses classification checkpoint")
     old = ckpt["config"]
@@ -333,6 +402,10 @@ def _check_compatible(ckpt: Dict[str, Any], cfg: ClassificationConfig, num_class
     if old["loss"]["name"] != cfg.loss.name:
         problems.append(f"loss '{old['loss']['name']}' in the checkpoint, '{cfg.loss.name}' "
                         f"configured")
+    if check_layout and "layout" in ckpt:
+        now = _run_layout(cfg)
+        problems += [f"{key} {ckpt['layout'][key]!r} in the checkpoint, {now[key]!r} now"
+                     for key in now if ckpt["layout"].get(key) != now[key]]
     if problems:
         raise ValueError(f"cannot resume from {path}: " + "; ".join(problems))
 
@@ -361,7 +434,9 @@ def train(cfg: ClassificationConfig, resume: bool = False, overwrite: bool = Fal
     data = build_data(cfg)
     counts = class_counts(torch.as_tensor(data.train_labels), data.num_classes)
     groups = many_medium_few_groups(counts, cfg.eval.few_below, cfg.eval.many_above)
-    criterion = build_criterion(cfg.loss, data.num_classes, counts).to(device)
+    # Stochastic losses draw from their own generator (per rank), saved in checkpoints.
+    loss_generator = torch.Generator(device).manual_seed(cfg.seed * 7919 + distributed.rank())
+    criterion = build_criterion(cfg.loss, data.num_classes, counts, loss_generator).to(device)
     model = build_classifier(cfg.model.name, criterion.num_channels, data.in_channels,
                              data.image_size, cfg.model.width, cfg.model.cosine,
                              cfg.model.cosine_scale, cfg.model.pretrained).to(device)
@@ -387,7 +462,13 @@ def train(cfg: ClassificationConfig, resume: bool = False, overwrite: bool = Fal
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         state = TrainState(ckpt["epoch"], ckpt["step"], ckpt["batches_done"])
-        set_rng_state(ckpt["rng"])
+        rngs = ckpt["rng"][distributed.rank()]
+        set_rng_state(rngs)
+        if "loss" in rngs:
+            loss_generator.set_state(rngs["loss"])
+        if distributed.rank() == 0:  # forget what was logged after the checkpoint
+            for name in ("log.jsonl", "stats.jsonl"):
+                truncate_jsonl(run_dir / name, state.step)
     if distributed.rank() == 0:
         save_config(cfg, run_dir / "config.yaml")
     log = JsonlLog(run_dir / "log.jsonl")
@@ -401,7 +482,8 @@ def train(cfg: ClassificationConfig, resume: bool = False, overwrite: bool = Fal
         sampler_state = {"epoch": state.epoch,
                          "position": state.batches_done * cfg.data.batch_size}
         save_checkpoint(ckpt_path, _checkpoint(model, criterion, optimizer, scheduler, scaler,
-                                               sampler_state, state, cfg, data.num_classes))
+                                               sampler_state, state, cfg, data.num_classes,
+                                               loss_generator))
 
     def every_k_steps() -> None:
         k = cfg.checkpoint_every_steps
@@ -415,15 +497,21 @@ def train(cfg: ClassificationConfig, resume: bool = False, overwrite: bool = Fal
                                  "position": state.batches_done * cfg.data.batch_size})
         if hasattr(data.train, "set_epoch"):
             data.train.set_epoch(state.epoch)
+        loader_seed = hash((cfg.seed, state.epoch, distributed.rank())) % 2**63
         loader = DataLoader(data.train, batch_size=cfg.data.batch_size, sampler=sampler,
                             num_workers=cfg.data.num_workers,
-                            pin_memory=device.type == "cuda")
+                            pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(loader_seed))
         try:
-            train_one_epoch(train_model, criterion, loader, optimizer, scheduler, scaler,
-                            device, amp_dtype, state, cfg, log, recorder, writer, every_k_steps)
+            with StopRequest() as stop:
+                train_one_epoch(train_model, criterion, loader, optimizer, scheduler, scaler,
+                                device, amp_dtype, state, cfg, log, recorder, writer,
+                                every_k_steps, stop)
         except KeyboardInterrupt:
-            checkpoint()
-            log.write(kind="interrupted", epoch=state.epoch, step=state.step)
+            if not state.in_step:  # a step boundary: the state is consistent
+                checkpoint()
+            log.write(kind="interrupted", epoch=state.epoch, step=state.step,
+                      saved=not state.in_step)
             raise
         state.epoch += 1
         state.batches_done = 0
@@ -441,7 +529,8 @@ def train(cfg: ClassificationConfig, resume: bool = False, overwrite: bool = Fal
     if not metrics:  # resumed a finished run
         metrics = evaluate(model, criterion, data.val, data.num_classes, groups, device,
                            cfg.data.eval_batch_size, cfg.data.num_workers, amp_dtype)
-    recorder.record(state.step, state.epoch, force=True)
+    if state.step % cfg.stats_every:  # the final state, unless the last step recorded it
+        recorder.record(state.step, state.epoch, force=True)
     result = {"name": run_dir.name, "loss": cfg.loss.name, "metrics": metrics,
               "train_counts": counts.tolist(), "class_names": data.class_names}
     if distributed.rank() == 0:
@@ -462,7 +551,7 @@ def evaluate_checkpoint(path: Path, device: str = "auto", overrides: Optional[li
     cfg = apply_overrides(from_dict(ckpt["config"]), overrides or [])
     dev = resolve_device(device)
     data = build_data(cfg)
-    _check_compatible(ckpt, cfg, data.num_classes, Path(path))
+    _check_compatible(ckpt, cfg, data.num_classes, Path(path), check_layout=False)
     counts = class_counts(torch.as_tensor(data.train_labels), data.num_classes)
     groups = many_medium_few_groups(counts, cfg.eval.few_below, cfg.eval.many_above)
     criterion = build_criterion(cfg.loss, data.num_classes, counts).to(dev)

@@ -18,7 +18,7 @@ from .. import distributed
 
 __all__ = ["resolve_device", "init_distributed", "seed_everything", "rng_state",
            "set_rng_state", "save_checkpoint", "load_checkpoint", "JsonlLog", "Progress",
-           "maybe_tensorboard"]
+           "maybe_tensorboard", "truncate_jsonl"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,6 +105,23 @@ class JsonlLog:
         if self.active:
             with self.path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop the records of steps after ``max_step`` (written after the checkpoint a run
+    resumes from), so that a resumed run's logs have each step once."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step")
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+        if step is None or step <= max_step:
+            kept.append(line)
+    path.write_text("".join(f"{line}\n" for line in kept))
 
 
 class Progress:
