@@ -58,7 +58,8 @@ def _demo(args) -> int:
     run_dirs = []
     for loss in args.losses:
         overrides = [f"output_dir={out}", f"name={loss}", f"loss.name={loss}",
-                     f"optim.epochs={args.epochs}", f"seed={args.seed}"] + list(args.set)
+                     f"optim.epochs={args.epochs}", f"eval.every_epochs={args.epochs}",
+                     f"seed={args.seed}"] + list(args.set)
         cfg = load_config(None, overrides)
         print(f"== training with {loss} ({args.epochs} epochs) ==", flush=True)
         train(cfg, resume=False, overwrite=True)
