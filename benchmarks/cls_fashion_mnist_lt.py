@@ -78,8 +78,10 @@ def main(argv=None) -> int:
             if any(math.isnan(v) for v in values):  # no class of this group at this ratio
                 cells.append("-")
                 continue
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.1f} +- {std:.1f}")
+            if len(values) == 1:
+                cells.append(f"{values[0]:.1f}")
+                continue
+            cells.append(f"{statistics.mean(values):.1f} +- {statistics.stdev(values):.1f}")
         lines.append(f"| {imbalance:g} | {loss} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
