@@ -254,10 +254,10 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._previous)
         return False
 
-    def should_stop(self) -> bool:
+    def should_stop(self, device: torch.device) -> bool:
         if distributed.world_size() == 1:
             return self.requested
-        flag = torch.tensor([float(self.requested)])
+        flag = torch.tensor([float(self.requested)], device=device)  # NCCL needs the GPU
         distributed.all_reduce_sum_(flag)
         return bool(flag.item() > 0)
 
@@ -303,7 +303,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, devi
         progress.update(state.batches_done, seen, loss=float(loss))
         if on_step is not None:
             on_step()
-        if stop is not None and stop.should_stop():
+        if stop is not None and stop.should_stop(device):
             raise KeyboardInterrupt
 
 
