@@ -21,6 +21,22 @@ def _warn_if_no_tail(class_frequency: torch.Tensor, lambda_: float) -> None:
                       f"baseline; raise lambda_ to treat the tail as rare", stacklevel=3)
 
 
+def class_vector(values, num_classes: int, name: str) -> torch.Tensor:
+    """A per-class float32 tensor ``[C]`` given to a loss's constructor, shape-checked."""
+    vector = torch.as_tensor(values, dtype=torch.float32)
+    if vector.shape != (num_classes,):
+        raise ValueError(f"{name} must have shape ({num_classes},), got {tuple(vector.shape)}")
+    return vector
+
+
+class SigmoidScores:
+    """Mixin: test-time scores of a plain sigmoid classifier."""
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[N, C]`` class scores ``sigmoid(z)``."""
+        return torch.sigmoid(logits)
+
+
 class LongTailLoss(nn.Module):
     """Base class: conventions, channel count and test-time scores of a loss.
 

@@ -8,18 +8,12 @@ import torch
 
 from ..functional.focal import _check_focal_inputs, _equalized_focal, _focal, efl_gamma
 from ..stats import GradientStatistics
-from .base import GradientDrivenLoss, LongTailLoss
+from .base import GradientDrivenLoss, LongTailLoss, SigmoidScores
 
 Normalizer = Union[None, float, torch.Tensor]
 
 
-class _SigmoidScores:
-    def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """``[N, C]`` class scores ``sigmoid(z)``."""
-        return torch.sigmoid(logits)
-
-
-class FocalLoss(_SigmoidScores, LongTailLoss):
+class FocalLoss(SigmoidScores, LongTailLoss):
     """Sigmoid focal loss with the package's detection conventions.
 
         loss = sum_nj alpha_t (1 - p_t)^gamma (-log p_t) / normalizer
@@ -47,7 +41,7 @@ class FocalLoss(_SigmoidScores, LongTailLoss):
                       self.ignore_index, self.reduction, want_stats=False).loss
 
 
-class EqualizedFocalLoss(_SigmoidScores, GradientDrivenLoss):
+class EqualizedFocalLoss(SigmoidScores, GradientDrivenLoss):
     """Equalized Focal Loss (EFL) for one-stage detection.
 
         gamma_j = gamma_b + s (1 - clamp(g_j, 0, 1))

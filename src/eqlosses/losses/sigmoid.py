@@ -9,23 +9,10 @@ import torch
 from ..functional.sigmoid import (_weighted_bce, eql_loss, federated_loss,
                                   sample_federated_classes)
 from ..functional._common import check_logits, check_reduction, check_targets
-from .base import LongTailLoss, _warn_if_no_tail
+from .base import LongTailLoss, SigmoidScores, _warn_if_no_tail, class_vector
 
 
-class _SigmoidScores:
-    def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """``[N, C]`` class scores ``sigmoid(z)``."""
-        return torch.sigmoid(logits)
-
-
-def _class_vector(values, num_classes: int, name: str) -> torch.Tensor:
-    vector = torch.as_tensor(values, dtype=torch.float32)
-    if vector.shape != (num_classes,):
-        raise ValueError(f"{name} must have shape ({num_classes},), got {tuple(vector.shape)}")
-    return vector
-
-
-class EQLLoss(_SigmoidScores, LongTailLoss):
+class EQLLoss(SigmoidScores, LongTailLoss):
     """Equalization Loss v1 (sigmoid): foreground rows stop suppressing rare classes.
 
         w_nj = 1 - E_n T_j (1 - y_nj),   loss = sum_nj w_nj BCE(z_nj, y_nj) / N
@@ -44,7 +31,7 @@ class EQLLoss(_SigmoidScores, LongTailLoss):
                  ignore_index: int = -100, reduction: str = "mean"):
         super().__init__(num_classes, ignore_index, reduction)
         self.register_buffer("class_frequency",
-                             _class_vector(class_frequency, num_classes, "class_frequency"))
+                             class_vector(class_frequency, num_classes, "class_frequency"))
         self.lambda_ = lambda_
         self.num_channels = num_classes
         _warn_if_no_tail(self.class_frequency, lambda_)
@@ -54,7 +41,7 @@ class EQLLoss(_SigmoidScores, LongTailLoss):
                         self.reduction)
 
 
-class FederatedLoss(_SigmoidScores, LongTailLoss):
+class FederatedLoss(SigmoidScores, LongTailLoss):
     """Federated loss: sigmoid BCE over the present classes plus sampled negative classes.
 
     Each training step trains the classes present in the batch and, up to ``num_sampled`` in
@@ -75,7 +62,7 @@ class FederatedLoss(_SigmoidScores, LongTailLoss):
                  num_sampled: int = 50, power: float = 0.5, ignore_index: int = -100,
                  reduction: str = "mean", generator: Optional[torch.Generator] = None):
         super().__init__(num_classes, ignore_index, reduction)
-        counts = _class_vector(class_image_counts, num_classes, "class_image_counts")
+        counts = class_vector(class_image_counts, num_classes, "class_image_counts")
         self.register_buffer("sampling_weight", counts.clamp(min=0).pow(power))
         self.num_sampled, self.power, self.generator = num_sampled, power, generator
         self.num_channels = num_classes
@@ -89,7 +76,7 @@ class FederatedLoss(_SigmoidScores, LongTailLoss):
         return federated_loss(logits, targets, mask, self.ignore_index, self.reduction)
 
 
-class BCELoss(_SigmoidScores, LongTailLoss):
+class BCELoss(SigmoidScores, LongTailLoss):
     """Plain sigmoid binary cross-entropy with the package's conventions (the baseline).
 
     ``objectness=False``: logits ``[N, C]``, target ``C`` = background (all-zero row).

@@ -10,7 +10,7 @@ from ..functional.softmax import (_adjusted_cross_entropy, _check_softmax_inputs
                                   balanced_softmax_adjustment, eql_softmax_loss,
                                   softmax_eql_adjustment)
 from ..stats import GradientStatistics
-from .base import GradientDrivenLoss, LongTailLoss, _warn_if_no_tail
+from .base import GradientDrivenLoss, LongTailLoss, _warn_if_no_tail, class_vector
 
 INDICATORS = ("pos", "neg")
 
@@ -92,10 +92,7 @@ class BalancedSoftmaxLoss(_SoftmaxScores, LongTailLoss):
     def __init__(self, num_classes: int, class_counts: torch.Tensor, tau: float = 1.0,
                  ignore_index: int = -100, reduction: str = "mean"):
         super().__init__(num_classes, ignore_index, reduction)
-        counts = torch.as_tensor(class_counts)
-        if counts.shape != (num_classes,):
-            raise ValueError(f"class_counts must have shape ({num_classes},), "
-                             f"got {tuple(counts.shape)}")
+        counts = class_vector(class_counts, num_classes, "class_counts")
         self.tau = tau
         self.num_channels = num_classes
         self.register_buffer("adjustment", balanced_softmax_adjustment(counts, tau))
@@ -154,10 +151,7 @@ class EQLSoftmaxLoss(_SoftmaxScores, LongTailLoss):
                  gamma: float = 0.9, background: bool = False, ignore_index: int = -100,
                  reduction: str = "mean", generator: Optional[torch.Generator] = None):
         super().__init__(num_classes, ignore_index, reduction)
-        freq = torch.as_tensor(class_frequency, dtype=torch.float32)
-        if freq.shape != (num_classes,):
-            raise ValueError(f"class_frequency must have shape ({num_classes},), "
-                             f"got {tuple(freq.shape)}")
+        freq = class_vector(class_frequency, num_classes, "class_frequency")
         self.register_buffer("class_frequency", freq)
         self.lambda_, self.gamma, self.background, self.generator = (lambda_, gamma, background,
                                                                      generator)
