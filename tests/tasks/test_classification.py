@@ -8,7 +8,7 @@ import torch
 
 from eqlosses.config import load_config
 from eqlosses.tasks import classification as cls
-from eqlosses.tasks.common import load_checkpoint
+from eqlosses.tasks.common import Progress, load_checkpoint
 from tests.dist_utils import free_port, spawn_and_wait
 
 TINY = ["model.width=4", "data.batch_size=256", "data.eval_batch_size=1000", "optim.epochs=2",
@@ -83,7 +83,7 @@ def test_a_run_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch, how):
     straight = _cfg(tmp_path, "checkpoint_every_steps=2", name="straight")
     cls.train(straight)
     stopped = _cfg(tmp_path, "checkpoint_every_steps=2", name="stopped")
-    original = cls.Progress.update
+    original = Progress.update
     calls = {"n": 0}
 
     def stop_at_step_5(self, done, samples, **values):
@@ -92,10 +92,10 @@ def test_a_run_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch, how):
             raise KeyboardInterrupt if how == "ctrl-c" else RuntimeError("killed")
         return original(self, done, samples, **values)
 
-    monkeypatch.setattr(cls.Progress, "update", stop_at_step_5)
+    monkeypatch.setattr(Progress, "update", stop_at_step_5)
     with pytest.raises(KeyboardInterrupt if how == "ctrl-c" else RuntimeError):
         cls.train(stopped)
-    monkeypatch.setattr(cls.Progress, "update", original)
+    monkeypatch.setattr(Progress, "update", original)
     ckpt = load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")
     # Ctrl-C saves at the step it interrupted; a kill loses only the steps since step 4
     assert ckpt["step"] == (5 if how == "ctrl-c" else 4)
@@ -108,7 +108,7 @@ def test_a_run_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch, how):
 
 def test_incompatible_checkpoint_and_bad_choices_are_clear_errors(tmp_path):
     cls.train(_cfg(tmp_path, "optim.epochs=1", "loss.name=ce", name="ce"))
-    with pytest.raises(ValueError, match="loss 'ce' in the checkpoint"):
+    with pytest.raises(ValueError, match="loss.name 'ce' in the checkpoint"):
         cls.train(_cfg(tmp_path, "optim.epochs=1", "loss.name=focal", name="ce"), resume=True)
     with pytest.raises(ValueError, match="detection loss"):
         cls.train(_cfg(tmp_path, "loss.name=seesaw", name="x"))

@@ -1,18 +1,12 @@
-"""Long-tailed image classification: data, model, loss, a flat training loop and evaluation.
+"""Long-tailed image classification: data, model, loss and evaluation.
 
-``train(cfg)`` reads top to bottom: build the data, the loss (which says how many logit
-channels it needs), the model, the optimiser and schedule; resume if asked; then for each
-epoch ``train_one_epoch`` and ``evaluate``. Checkpoints hold everything needed to continue
-exactly: model, optimiser, schedule, loss scaler, the loss's statistics, the sampler's epoch
-and position, the RNG states and the step counters. Ctrl-C saves a checkpoint first.
+``build_job(cfg)`` builds the data, the loss (which says how many logit channels it needs)
+and the model; ``train(cfg)`` hands them to the shared loop :func:`eqlosses.tasks.engine.fit`
+(resume, ``train_one_epoch``, checkpoints, ``evaluate``).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -23,12 +17,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import distributed
-from ..config import ClassificationConfig, LossConfig, save_config, to_dict
+from ..config import ClassificationConfig, LossConfig
 from ..data.frequency import FrequencyGroups, class_counts, many_medium_few_groups
 from ..losses import LongTailLoss, build_loss
-from .common import (JsonlLog, Progress, init_distributed, load_checkpoint, maybe_tensorboard,
-                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state,
-                     truncate_jsonl)
+from .common import resolve_device
+from .engine import (Job, amp_dtype, check_checkpoint, fit, load_for_eval, prepare_run,
+                     train_one_epoch)
 from .models import build_classifier
 
 __all__ = ["ClassificationData", "build_data", "build_criterion", "train", "train_one_epoch",
@@ -168,144 +162,9 @@ def build_criterion(loss_cfg: LossConfig, num_classes: int, train_counts: torch.
     return build_loss(loss_cfg.name, num_classes, **kwargs)
 
 
-def build_optimizer(cfg: ClassificationConfig, model: nn.Module) -> torch.optim.Optimizer:
-    o = cfg.optim
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)  # no decay on norms and biases
-    groups = [{"params": decay, "weight_decay": o.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
-    if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr)
-    raise ValueError(f"unknown optim.name '{o.name}'; choose sgd or adamw")
-
-
-def build_schedule(cfg: ClassificationConfig, optimizer, steps_per_epoch: int):
-    """Per-step multiplier: linear warm-up, then cosine decay, steps or a constant."""
-    o = cfg.optim
-    total = max(1, o.epochs * steps_per_epoch)
-    warmup = int(o.warmup_epochs * steps_per_epoch)
-    if o.schedule not in ("cosine", "step", "constant"):
-        raise ValueError(f"unknown optim.schedule '{o.schedule}'; choose cosine, step or "
-                         f"constant")
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if o.schedule == "cosine":
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        if o.schedule == "step":
-            epoch = step // max(1, steps_per_epoch)
-            return o.step_gamma ** sum(epoch >= m for m in o.milestones)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _amp(cfg: ClassificationConfig, device: torch.device) -> Optional[torch.dtype]:
-    mode = cfg.optim.amp
-    if mode == "auto":
-        return torch.float16 if device.type == "cuda" else None
-    if mode == "off":
-        return None
-    if mode == "fp16":
-        if device.type != "cuda":
-            raise ValueError("optim.amp=fp16 needs a CUDA device; use bf16 or off on the CPU")
-        return torch.float16
-    if mode == "bf16":
-        return torch.bfloat16
-    raise ValueError(f"unknown optim.amp '{mode}'; choose auto, off, fp16 or bf16")
-
-
 # --------------------------------------------------------------------------------------------
 # The loops
 # --------------------------------------------------------------------------------------------
-
-@dataclass
-class TrainState:
-    epoch: int = 0
-    step: int = 0
-    batches_done: int = 0  # in the current epoch, on this rank
-    in_step: bool = False  # True between a batch's forward and its counters' update
-
-
-class StopRequest:
-    """Turns Ctrl-C (SIGINT) into a request honoured at the next step boundary, so that the
-    checkpoint saved on the way out never holds half a step. With several processes the
-    request is all-reduced each step, so every rank stops after the same step."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
-
-    def should_stop(self, device: torch.device) -> bool:
-        if distributed.world_size() == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=device)  # NCCL needs the GPU
-        distributed.all_reduce_sum_(flag)
-        return bool(flag.item() > 0)
-
-
-def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, device, amp_dtype,
-                    state: TrainState, cfg: ClassificationConfig, log: JsonlLog, recorder,
-                    writer=None, on_step=None, stop: Optional[StopRequest] = None) -> None:
-    """One pass over ``loader`` (which starts where ``state.batches_done`` says). Raises
-    ``KeyboardInterrupt`` at a step boundary when ``stop`` was requested."""
-    model.train()
-    criterion.train()
-    progress = Progress(len(loader), f"epoch {state.epoch + 1}", cfg.progress, cfg.log_every)
-    seen = 0
-    for images, labels in loader:
-        state.in_step = True
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
-            logits = model(images)
-        loss = criterion(logits, labels)  # the loss computes in float32 from any logits
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.optim.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        state.step += 1
-        state.batches_done += 1
-        state.in_step = False
-        seen += len(labels)
-        loss = loss.detach()
-        if state.step % cfg.log_every == 0 or state.batches_done == 1:
-            lr = optimizer.param_groups[0]["lr"]
-            log.write(kind="step", epoch=state.epoch, step=state.step, loss=float(loss), lr=lr)
-            if writer is not None:
-                writer.add_scalar("train/loss", float(loss), state.step)
-                writer.add_scalar("train/lr", lr, state.step)
-        if recorder is not None and state.step % cfg.stats_every == 0:
-            recorder.record(state.step, state.epoch)
-        progress.update(state.batches_done, seen, loss=float(loss))
-        if on_step is not None:
-            on_step()
-        if stop is not None and stop.should_stop(device):
-            raise KeyboardInterrupt
-
 
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: LongTailLoss, dataset: Dataset, num_classes: int,
@@ -341,96 +200,8 @@ def run_dir_for(cfg: ClassificationConfig) -> Path:
     return Path(cfg.output_dir) / name
 
 
-def _run_layout(cfg: ClassificationConfig) -> Dict[str, Any]:
-    """What fixes the order of the samples: resuming needs all of it unchanged."""
-    d = cfg.data
-    return {"batch_size": d.batch_size, "world_size": distributed.world_size(),
-            "sampler": d.sampler, "rfs_threshold": d.rfs_threshold, "seed": cfg.seed,
-            "data": d.name, "imbalance": d.imbalance, "n_max": d.n_max,
-            "subset_seed": d.subset_seed, "augment": d.augment, "epochs": cfg.optim.epochs}
-
-
-def _per_rank(value: Any) -> list:
-    """``value`` from every rank, in rank order (one collective with several processes)."""
-    if distributed.world_size() == 1:
-        return [value]
-    out: list = [None] * distributed.world_size()
-    torch.distributed.all_gather_object(out, value)
-    return out
-
-
-def _rng_states(loss_generator: Optional[torch.Generator]) -> Dict[str, Any]:
-    state = rng_state()
-    if loss_generator is not None:
-        state["loss"] = loss_generator.get_state()
-    return state
-
-
-def _checkpoint(model, criterion, optimizer, scheduler, scaler, sampler_state, state, cfg,
-                num_classes, loss_generator=None) -> Dict[str, Any]:
-    rngs = _per_rank(_rng_states(loss_generator))
-    return {
-        "format": "eqlosses-cls-1",
-        "config": to_dict(cfg),
-        "num_classes": num_classes,
-        "model": model.state_dict(),
-        "criterion": criterion.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "sampler": sampler_state,
-        "epoch": state.epoch,
-        "step": state.step,
-        "batches_done": state.batches_done,
-        "layout": _run_layout(cfg),
-        "rng": rngs,  # one entry per rank
-    }
-
-
-def _check_compatible(ckpt: Dict[str, Any], cfg: ClassificationConfig, num_classes: int,
-                      path: Path, check_layout: bool = True) -> None:
-    if ckpt.get("format") != "eqlosses-cls-1":
-        raise ValueError(f"{path} is not an eqlosses classification checkpoint")
-    old = ckpt["config"]
-    problems = []
-    if ckpt["num_classes"] != num_classes:
-        problems.append(f"{ckpt['num_classes']} classes in the checkpoint, {num_classes} in "
-                        f"the data")
-    if old["model"]["name"] != cfg.model.name:
-        problems.append(f"model '{old['model']['name']}' in the checkpoint, "
-                        f"'{cfg.model.name}' configured")
-    if old["loss"]["name"] != cfg.loss.name:
-        problems.append(f"loss '{old['loss']['name']}' in the checkpoint, '{cfg.loss.name}' "
-                        f"configured")
-    if check_layout and "layout" in ckpt:
-        now = _run_layout(cfg)
-        problems += [f"{key} {ckpt['layout'][key]!r} in the checkpoint, {now[key]!r} now"
-                     for key in now if ckpt["layout"].get(key) != now[key]]
-    if problems:
-        raise ValueError(f"cannot resume from {path}: " + "; ".join(problems))
-
-
-def train(cfg: ClassificationConfig, resume: bool = False, overwrite: bool = False
-          ) -> Dict[str, Any]:
-    """Train and evaluate as configured; returns the final metrics. Outputs go to the run
-    directory: config.yaml, log.jsonl, stats.jsonl, checkpoint.pt, metrics.json (and
-    TensorBoard events when installed)."""
-    from ..data.samplers import LongTailSampler
-    from ..monitor.recorder import StatsRecorder
-
-    device = resolve_device(cfg.device)
-    init_distributed(device)
-    seed_everything(cfg.seed, cfg.deterministic)
-    run_dir = run_dir_for(cfg)
-    ckpt_path = run_dir / "checkpoint.pt"
-    if ckpt_path.exists() and not (resume or overwrite):
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, "
-                              f"--overwrite to start again, or choose another name")
-    if overwrite and not resume and distributed.rank() == 0:
-        for stale in ("checkpoint.pt", "log.jsonl", "stats.jsonl", "metrics.json"):
-            (run_dir / stale).unlink(missing_ok=True)
-
-    # Data, loss (which sets the number of logit channels), model, optimisation.
+def build_job(cfg: ClassificationConfig, device: torch.device) -> Job:
+    """Data, loss (which sets the number of logit channels) and model, as a :class:`Job`."""
     data = build_data(cfg)
     counts = class_counts(torch.as_tensor(data.train_labels), data.num_classes)
     groups = many_medium_few_groups(counts, cfg.eval.few_below, cfg.eval.many_above)
@@ -440,104 +211,37 @@ def train(cfg: ClassificationConfig, resume: bool = False, overwrite: bool = Fal
     model = build_classifier(cfg.model.name, criterion.num_channels, data.in_channels,
                              data.image_size, cfg.model.width, cfg.model.cosine,
                              cfg.model.cosine_scale, cfg.model.pretrained).to(device)
-    train_model = model
-    if distributed.world_size() > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    sampler = LongTailSampler(data.train_labels, data.num_classes, mode=cfg.data.sampler,
-                              rfs_threshold=cfg.data.rfs_threshold, seed=cfg.seed)
-    steps_per_epoch = math.ceil(len(sampler) / cfg.data.batch_size)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_schedule(cfg, optimizer, steps_per_epoch)
-    amp_dtype = _amp(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    state = TrainState()
+    amp = amp_dtype(cfg.optim.amp, device)
 
-    if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        _check_compatible(ckpt, cfg, data.num_classes, ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        criterion.load_state_dict(ckpt["criterion"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        state = TrainState(ckpt["epoch"], ckpt["step"], ckpt["batches_done"])
-        rngs = ckpt["rng"][distributed.rank()]
-        set_rng_state(rngs)
-        if "loss" in rngs:
-            loss_generator.set_state(rngs["loss"])
-        if distributed.rank() == 0:  # forget what was logged after the checkpoint
-            for name in ("log.jsonl", "stats.jsonl"):
-                truncate_jsonl(run_dir / name, state.step)
-    if distributed.rank() == 0:
-        save_config(cfg, run_dir / "config.yaml")
-    log = JsonlLog(run_dir / "log.jsonl")
-    writer = maybe_tensorboard(cfg.tensorboard, run_dir / "tensorboard")
-    recorder = StatsRecorder(run_dir / "stats.jsonl", criterion)
-    log.write(kind="start", resume=resume, world_size=distributed.world_size(),
-              device=str(device), num_classes=data.num_classes, train_size=len(data.train),
-              train_counts=counts.tolist(), groups=groups.group_of())
+    def step(train_model: nn.Module, batch) -> Tuple[torch.Tensor, int, Dict[str, Any]]:
+        images, labels = (t.to(device, non_blocking=True) for t in batch)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = train_model(images)
+        return criterion(logits, labels), len(labels), {}  # the loss computes in float32
 
-    def checkpoint() -> None:
-        sampler_state = {"epoch": state.epoch,
-                         "position": state.batches_done * cfg.data.batch_size}
-        save_checkpoint(ckpt_path, _checkpoint(model, criterion, optimizer, scheduler, scaler,
-                                               sampler_state, state, cfg, data.num_classes,
-                                               loss_generator))
+    def run_evaluation() -> Dict[str, Any]:
+        return evaluate(model, criterion, data.val, data.num_classes, groups, device,
+                        cfg.data.eval_batch_size, cfg.data.num_workers, amp)
 
-    def every_k_steps() -> None:
-        k = cfg.checkpoint_every_steps
-        if k and state.step % k == 0:
-            checkpoint()
+    d = cfg.data
+    return Job(kind="cls", model=model, criterion=criterion, train_set=data.train,
+               sampler_labels=data.train_labels, num_classes=data.num_classes, step=step,
+               evaluate=run_evaluation, summary_keys=("top1", "balanced_accuracy"),
+               layout={"data": d.name, "imbalance": d.imbalance, "n_max": d.n_max,
+                       "subset_seed": d.subset_seed, "augment": d.augment},
+               start_info={"train_counts": counts.tolist(), "groups": groups.group_of()},
+               result_info={"train_counts": counts.tolist(), "class_names": data.class_names},
+               loss_generator=loss_generator)
 
-    metrics: Dict[str, Any] = {}
-    while state.epoch < cfg.optim.epochs:
-        sampler.set_epoch(state.epoch)
-        sampler.load_state_dict({"epoch": state.epoch,
-                                 "position": state.batches_done * cfg.data.batch_size})
-        if hasattr(data.train, "set_epoch"):
-            data.train.set_epoch(state.epoch)
-        loader_seed = hash((cfg.seed, state.epoch, distributed.rank())) % 2**63
-        loader = DataLoader(data.train, batch_size=cfg.data.batch_size, sampler=sampler,
-                            num_workers=cfg.data.num_workers,
-                            pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(loader_seed))
-        try:
-            with StopRequest() as stop:
-                train_one_epoch(train_model, criterion, loader, optimizer, scheduler, scaler,
-                                device, amp_dtype, state, cfg, log, recorder, writer,
-                                every_k_steps, stop)
-        except KeyboardInterrupt:
-            if not state.in_step:  # a step boundary: the state is consistent
-                checkpoint()
-            log.write(kind="interrupted", epoch=state.epoch, step=state.step,
-                      saved=not state.in_step)
-            raise
-        state.epoch += 1
-        state.batches_done = 0
-        checkpoint()
-        last = state.epoch == cfg.optim.epochs
-        if last or state.epoch % cfg.eval.every_epochs == 0:
-            metrics = evaluate(model, criterion, data.val, data.num_classes, groups, device,
-                               cfg.data.eval_batch_size, cfg.data.num_workers, amp_dtype)
-            summary = {k: metrics[k] for k in ("top1", "balanced_accuracy") if k in metrics}
-            log.write(kind="eval", epoch=state.epoch, step=state.step, **summary,
-                      groups=metrics.get("groups", {}))
-            if writer is not None:
-                for key, value in summary.items():
-                    writer.add_scalar(f"val/{key}", value, state.step)
-    if not metrics:  # resumed a finished run
-        metrics = evaluate(model, criterion, data.val, data.num_classes, groups, device,
-                           cfg.data.eval_batch_size, cfg.data.num_workers, amp_dtype)
-    if state.step % cfg.stats_every:  # the final state, unless the last step recorded it
-        recorder.record(state.step, state.epoch, force=True)
-    result = {"name": run_dir.name, "loss": cfg.loss.name, "metrics": metrics,
-              "train_counts": counts.tolist(), "class_names": data.class_names}
-    if distributed.rank() == 0:
-        (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
-    if writer is not None:
-        writer.close()
-    return result
+
+def train(cfg: ClassificationConfig, resume: bool = False, overwrite: bool = False
+          ) -> Dict[str, Any]:
+    """Train and evaluate as configured; returns the final metrics. Outputs go to the run
+    directory: config.yaml, log.jsonl, stats.jsonl, checkpoint.pt, metrics.json (and
+    TensorBoard events when installed)."""
+    run_dir = run_dir_for(cfg)
+    device = prepare_run(cfg, run_dir, resume, overwrite)
+    return fit(cfg, build_job(cfg, device), device, run_dir, resume)
 
 
 def evaluate_checkpoint(path: Path, device: str = "auto", overrides: Optional[list] = None
@@ -545,21 +249,11 @@ def evaluate_checkpoint(path: Path, device: str = "auto", overrides: Optional[li
     """Evaluate a checkpoint on its configured evaluation set (optionally overridden)."""
     from ..config import apply_overrides, from_dict
 
-    ckpt = load_checkpoint(Path(path))
-    if ckpt.get("format") != "eqlosses-cls-1":
-        raise ValueError(f"{path} is not an eqlosses classification checkpoint")
-    cfg = apply_overrides(from_dict(ckpt["config"]), overrides or [])
+    ckpt = load_for_eval(Path(path), "cls")
+    cfg = apply_overrides(from_dict(ckpt["config"], ClassificationConfig()), overrides or [])
     dev = resolve_device(device)
-    data = build_data(cfg)
-    _check_compatible(ckpt, cfg, data.num_classes, Path(path), check_layout=False)
-    counts = class_counts(torch.as_tensor(data.train_labels), data.num_classes)
-    groups = many_medium_few_groups(counts, cfg.eval.few_below, cfg.eval.many_above)
-    criterion = build_criterion(cfg.loss, data.num_classes, counts).to(dev)
-    criterion.load_state_dict(ckpt["criterion"])
-    model = build_classifier(cfg.model.name, criterion.num_channels, data.in_channels,
-                             data.image_size, cfg.model.width, cfg.model.cosine,
-                             cfg.model.cosine_scale).to(dev)
-    model.load_state_dict(ckpt["model"])
-    metrics = evaluate(model, criterion, data.val, data.num_classes, groups, dev,
-                       cfg.data.eval_batch_size, cfg.data.num_workers)
-    return metrics, cfg
+    job = build_job(cfg, dev)
+    check_checkpoint(ckpt, cfg, "cls", job.num_classes, Path(path))
+    job.criterion.load_state_dict(ckpt["criterion"])
+    job.model.load_state_dict(ckpt["model"])
+    return job.evaluate(), cfg
