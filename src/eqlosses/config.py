@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 __all__ = ["DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "EvalConfig",
-           "ClassificationConfig", "ConfigError", "load_config", "apply_overrides", "to_dict",
-           "from_dict", "save_config", "validate"]
+           "ClassificationConfig", "DetectionConfig", "SegmentationConfig", "CONFIGS",
+           "ConfigError", "load_config", "apply_overrides", "to_dict", "from_dict",
+           "save_config", "validate"]
 
 
 class ConfigError(ValueError):
@@ -112,6 +113,155 @@ class ClassificationConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# --------------------------------------------------------------------------------------------
+# Detection
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class DetDataConfig:
+    #: ``canvas`` (the generated LVIS-format benchmark under ``root``; generated there with
+    #: the default specification when the folder does not exist), ``lvis`` or ``coco``
+    #: (annotation files and image folders given below)
+    name: str = "canvas"
+    root: Optional[str] = "data/canvas-det"
+    train_ann: Optional[str] = None
+    val_ann: Optional[str] = None
+    train_images: Optional[str] = None
+    val_images: Optional[str] = None
+    #: ``instance`` or ``rfs`` (repeat-factor sampling with ``rfs_threshold``, LVIS: 0.001)
+    sampler: str = "instance"
+    rfs_threshold: float = 0.001
+    batch_size: int = 4
+    eval_batch_size: int = 8
+    num_workers: int = 0
+    #: random horizontal flip of training images (seeded per epoch and image)
+    flip: bool = True
+    #: drop training images without annotations (kept by default: LVIS negatives)
+    skip_empty: bool = False
+    #: evaluate on the first N validation images only (quick checks); null = all
+    max_val_images: Optional[int] = None
+
+
+@dataclass
+class DetModelConfig:
+    #: ``faster_rcnn``, ``mask_rcnn``, ``retinanet`` or ``fcos``
+    arch: str = "faster_rcnn"
+    #: ``tiny``, ``mobilenet_v3``, ``resnet18`` (CPU-sized) or ``resnet50`` (the standard)
+    backbone: str = "mobilenet_v3"
+    min_size: int = 128
+    max_size: int = 128
+    #: local state-dict files (nothing is downloaded)
+    pretrained: Optional[str] = None
+    pretrained_backbone: Optional[str] = None
+    #: passed to the torchvision detector, e.g. ``box_batch_size_per_image: 128``
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DetEvalConfig:
+    every_epochs: int = 1
+    #: the LVIS test protocol: score threshold 1e-4, 300 detections per image, per-class NMS
+    score_thresh: float = 1e-4
+    detections_per_img: int = 300
+    nms_thresh: float = 0.5
+    #: LVIS groups by training image count: rare <= rare_max, common <= common_max
+    rare_max: int = 10
+    common_max: int = 100
+
+
+@dataclass
+class DetectionConfig:
+    task: str = "det"
+    name: Optional[str] = None
+    output_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = False
+    log_every: int = 20
+    stats_every: int = 10
+    checkpoint_every_steps: int = 0
+    tensorboard: bool = True
+    progress: bool = True
+    data: DetDataConfig = field(default_factory=DetDataConfig)
+    model: DetModelConfig = field(default_factory=DetModelConfig)
+    loss: LossConfig = field(default_factory=lambda: LossConfig(name="sigmoid_eql"))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=0.02, weight_decay=1e-4, epochs=12, schedule="step", milestones=[8, 11],
+        warmup_epochs=0.5))
+    eval: DetEvalConfig = field(default_factory=DetEvalConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Segmentation
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class SegDataConfig:
+    #: ``canvas`` (the generated benchmark under ``root``; generated there with the default
+    #: specification when the folder does not exist), ``ade20k`` (``ADEChallengeData2016``
+    #: at ``root``: 150 classes, label 0 ignored) or ``folder`` (the same layout with a
+    #: ``classes.json``)
+    name: str = "canvas"
+    root: Optional[str] = "data/canvas-seg"
+    #: ``instance`` or ``rfs`` (repeat-factor sampling over the classes present per image)
+    sampler: str = "instance"
+    rfs_threshold: float = 0.001
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    num_workers: int = 0
+    #: training augmentation: random scale in [scale_min, scale_max], crop, flip
+    augment: bool = True
+    crop_size: Optional[int] = 128
+    scale_min: float = 0.75
+    scale_max: float = 1.25
+    ignore_index: int = 255
+
+
+@dataclass
+class SegModelConfig:
+    #: ``deeplabv3``, ``fcn``, ``lraspp`` (torchvision) or a small CPU model (see
+    #: ``eqlosses.tasks.segmentation_models``)
+    arch: str = "lraspp"
+    backbone: str = "mobilenet_v3_large"
+    pretrained: Optional[str] = None
+    pretrained_backbone: Optional[str] = None
+
+
+@dataclass
+class SegEvalConfig:
+    every_epochs: int = 1
+    #: groups of classes by their share of training pixels: head > head_above,
+    #: tail < tail_below, body in between
+    head_above: float = 0.01
+    tail_below: float = 0.001
+
+
+@dataclass
+class SegmentationConfig:
+    task: str = "seg"
+    name: Optional[str] = None
+    output_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = False
+    log_every: int = 20
+    stats_every: int = 10
+    checkpoint_every_steps: int = 0
+    tensorboard: bool = True
+    progress: bool = True
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=0.01, weight_decay=1e-4, epochs=20, schedule="cosine", warmup_epochs=1.0))
+    eval: SegEvalConfig = field(default_factory=SegEvalConfig)
+
+
+#: task name -> configuration class
+CONFIGS = {"cls": ClassificationConfig, "det": DetectionConfig, "seg": SegmentationConfig}
+AnyConfig = Union[ClassificationConfig, DetectionConfig, SegmentationConfig]
+
+
 def _yaml():
     try:
         import yaml
@@ -160,6 +310,9 @@ def _set(cfg: Any, path: List[str], value: Any, where: str) -> None:
         else:
             _set(current, path[1:], value, where)
         return
+    if isinstance(current, dict) and len(path) > 1:  # an open mapping, e.g. model.options
+        current[".".join(path[1:])] = value
+        return
     if len(path) != 1:
         raise ConfigError(f"{where}: '{key}' is not a section")
     setattr(cfg, key, _check_type(names[key].type, value, f"{where}: {key}"))
@@ -181,6 +334,8 @@ def _check_type(annotation: Any, value: Any, where: str) -> Any:
         return float(value)
     if text in ("str", "Optional[str]") and not isinstance(value, str):
         raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if text.startswith("Dict") and not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
     if text.startswith("List"):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -203,39 +358,64 @@ _LOWER_BOUNDS = {
     ("optim", "weight_decay"): (0, True), ("optim", "momentum"): (0, True),
     ("optim", "step_gamma"): (0, False), ("optim", "grad_clip"): (0, False),
     ("eval", "many_above"): (0, True), ("eval", "few_below"): (1, True),
-    ("eval", "every_epochs"): (1, True),
+    ("eval", "every_epochs"): (1, True), ("eval", "detections_per_img"): (1, True),
+    ("eval", "score_thresh"): (0, True), ("model", "min_size"): (16, True),
+    ("model", "max_size"): (16, True), ("data", "crop_size"): (16, True),
+    ("data", "scale_min"): (0, False), ("data", "max_val_images"): (1, True),
+    ("eval", "head_above"): (0, True), ("eval", "tail_below"): (0, True),
 }
 
 
-def validate(cfg: ClassificationConfig) -> ClassificationConfig:
+def validate(cfg: AnyConfig) -> AnyConfig:
     """Range checks that types alone cannot express; raises ConfigError naming the key."""
     for (section, key), (low, inclusive) in _LOWER_BOUNDS.items():
-        value = getattr(getattr(cfg, section) if section else cfg, key)
+        value = getattr(getattr(cfg, section) if section else cfg, key, None)
         if value is None:
             continue
         if value < low or (value == low and not inclusive):
             name = f"{section}.{key}" if section else key
             relation = ">=" if inclusive else ">"
             raise ConfigError(f"{name} must be {relation} {low}, got {value}")
-    if cfg.eval.few_below > cfg.eval.many_above + 1:
+    if isinstance(cfg, SegmentationConfig):
+        if cfg.data.scale_min > cfg.data.scale_max:
+            raise ConfigError(f"data.scale_min ({cfg.data.scale_min}) must not exceed "
+                              f"data.scale_max ({cfg.data.scale_max})")
+        if cfg.eval.tail_below > cfg.eval.head_above:
+            raise ConfigError(f"eval.tail_below ({cfg.eval.tail_below}) must not exceed "
+                              f"eval.head_above ({cfg.eval.head_above})")
+    if isinstance(cfg, DetectionConfig) and cfg.eval.rare_max > cfg.eval.common_max:
+        raise ConfigError(f"eval.rare_max ({cfg.eval.rare_max}) must not exceed "
+                          f"eval.common_max ({cfg.eval.common_max})")
+    if isinstance(cfg, ClassificationConfig) and cfg.eval.few_below > cfg.eval.many_above + 1:
         raise ConfigError(f"eval.few_below ({cfg.eval.few_below}) must not exceed "
                           f"eval.many_above + 1 ({cfg.eval.many_above + 1})")
     return cfg
 
 
-def from_dict(data: Dict[str, Any], cfg: Optional[ClassificationConfig] = None,
-              where: str = "config") -> ClassificationConfig:
-    """Apply a nested mapping onto ``cfg`` (default: a fresh default configuration)."""
-    cfg = cfg if cfg is not None else ClassificationConfig()
+def _config_for(task: Any, where: str) -> AnyConfig:
+    if task not in CONFIGS:
+        raise ConfigError(f"{where}: unknown task {task!r}; choose one of {', '.join(CONFIGS)}")
+    return CONFIGS[task]()
+
+
+def from_dict(data: Dict[str, Any], cfg: Optional[AnyConfig] = None,
+              where: str = "config") -> AnyConfig:
+    """Apply a nested mapping onto ``cfg`` (default: a fresh default configuration of the
+    mapping's ``task``, classification when it names none)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level, got "
                           f"{type(data).__name__}")
+    if cfg is None:
+        cfg = _config_for(data.get("task", "cls"), where)
+    elif data.get("task", cfg.task) != cfg.task:
+        raise ConfigError(f"{where}: this is a '{data['task']}' configuration, but a "
+                          f"'{cfg.task}' one is needed here")
     for key, value in data.items():
         _set(cfg, [str(key)], value, where)
     return cfg
 
 
-def apply_overrides(cfg: ClassificationConfig, overrides: List[str]) -> ClassificationConfig:
+def apply_overrides(cfg: AnyConfig, overrides: List[str]) -> AnyConfig:
     """Apply ``section.key=value`` strings; values are parsed as YAML scalars."""
     yaml = _yaml()
     for item in overrides:
@@ -246,14 +426,19 @@ def apply_overrides(cfg: ClassificationConfig, overrides: List[str]) -> Classifi
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override '{item}': cannot parse the value: {err}") from None
-        _set(cfg, key.strip().split("."), value, f"override '{item}'")
+        path = key.strip().split(".")
+        if path == ["task"] and value != cfg.task:
+            raise ConfigError(f"override '{item}': the task is fixed by the command "
+                              f"(this is a '{cfg.task}' configuration)")
+        _set(cfg, path, value, f"override '{item}'")
     return cfg
 
 
-def load_config(path: Union[str, Path, None] = None, overrides: Optional[List[str]] = None
-                ) -> ClassificationConfig:
-    """Defaults, then the YAML file (if any), then the overrides."""
-    cfg = ClassificationConfig()
+def load_config(path: Union[str, Path, None] = None, overrides: Optional[List[str]] = None,
+                task: str = "cls") -> AnyConfig:
+    """Defaults of ``task`` (``cls``, ``det`` or ``seg``), then the YAML file (if any; its
+    ``task`` key, when present, must agree), then the overrides."""
+    cfg = _config_for(task, "load_config")
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -267,7 +452,7 @@ def load_config(path: Union[str, Path, None] = None, overrides: Optional[List[st
     return validate(apply_overrides(cfg, overrides or []))
 
 
-def save_config(cfg: ClassificationConfig, path: Union[str, Path]) -> Path:
+def save_config(cfg: AnyConfig, path: Union[str, Path]) -> Path:
     """Write the resolved configuration as YAML."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
