@@ -74,3 +74,23 @@ def test_shipped_configs_are_valid():
 def test_values_out_of_range_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_task_configs_come_from_the_file_or_the_command(tmp_path):
+    from eqlosses.config import DetectionConfig, SegmentationConfig
+
+    det_file = tmp_path / "det.yaml"
+    det_file.write_text("task: det\nmodel:\n  arch: retinanet\nloss:\n  name: efl\n")
+    cfg = load_config(det_file)
+    assert isinstance(cfg, DetectionConfig) and cfg.model.arch == "retinanet"
+    assert cfg.eval.score_thresh == 1e-4 and cfg.eval.detections_per_img == 300  # LVIS
+    with pytest.raises(ConfigError, match="'det' configuration, but a 'seg'"):
+        load_config(det_file, task="seg")
+    seg = load_config(None, ["model.options.width=16", "eval.head_above=0.05"], task="seg")
+    assert isinstance(seg, SegmentationConfig) and seg.model.options == {"width": 16}
+    with pytest.raises(ConfigError, match="tail_below"):
+        load_config(None, ["eval.tail_below=0.5"], task="seg")
+    with pytest.raises(ConfigError, match="unknown key 'arch'"):
+        load_config(None, ["model.arch=x"], task="cls")
+    with pytest.raises(ConfigError, match="unknown task"):
+        load_config(None, task="pose")

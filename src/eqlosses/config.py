@@ -222,9 +222,11 @@ class SegModelConfig:
     #: ``deeplabv3``, ``fcn``, ``lraspp`` (torchvision) or a small CPU model (see
     #: ``eqlosses.tasks.segmentation_models``)
     arch: str = "lraspp"
-    backbone: str = "mobilenet_v3_large"
+    backbone: Optional[str] = "mobilenet_v3_large"
     pretrained: Optional[str] = None
     pretrained_backbone: Optional[str] = None
+    #: passed to the model builder, e.g. ``width: 32`` (tiny_deeplab), ``output_stride: 8``
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -435,10 +437,13 @@ def apply_overrides(cfg: AnyConfig, overrides: List[str]) -> AnyConfig:
 
 
 def load_config(path: Union[str, Path, None] = None, overrides: Optional[List[str]] = None,
-                task: str = "cls") -> AnyConfig:
-    """Defaults of ``task`` (``cls``, ``det`` or ``seg``), then the YAML file (if any; its
-    ``task`` key, when present, must agree), then the overrides."""
-    cfg = _config_for(task, "load_config")
+                task: Optional[str] = None) -> AnyConfig:
+    """Defaults, then the YAML file (if any), then the overrides.
+
+    ``task`` (``cls``, ``det`` or ``seg``) picks the configuration type; when None, the file's
+    ``task`` key does (classification without one). A file of another task is an error.
+    """
+    data: Dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -448,6 +453,10 @@ def load_config(path: Union[str, Path, None] = None, overrides: Optional[List[st
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if task is None:
+        task = data.get("task", "cls") if isinstance(data, dict) else "cls"
+    cfg = _config_for(task, "load_config")
+    if path is not None:
         from_dict(data, cfg, where=str(path))
     return validate(apply_overrides(cfg, overrides or []))
 

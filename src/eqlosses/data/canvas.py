@@ -282,7 +282,8 @@ def _check_groups(frequency: List[str], spec: CanvasSpec) -> None:
         raise ValueError(f"with n_max={spec.n_max} and imbalance={spec.imbalance} the LVIS "
                          f"group(s) {', '.join(missing)} are empty (rare: 1-10 training "
                          f"images, common: 11-100, frequent: > 100); raise n_max (frequent "
-                         f"needs n_max > 100) or imbalance, or pass check_groups=False")
+                         f"needs n_max > 100) or imbalance, or pass check_groups=False "
+                         f"(--allow-empty-groups)")
 
 
 def make_detection(out_dir: Union[str, Path], overwrite: bool = False,

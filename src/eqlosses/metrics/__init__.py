@@ -1,5 +1,8 @@
-"""Evaluation metrics for long-tailed recognition (torch only)."""
+"""Evaluation metrics for long-tailed recognition (torch only; LVIS AP imports
+faster-coco-eval when it is used)."""
 
 from .classification import ClassificationMetrics
+from .detection import LVISEvaluator
+from .segmentation import SegmentationMetrics
 
-__all__ = ["ClassificationMetrics"]
+__all__ = ["ClassificationMetrics", "LVISEvaluator", "SegmentationMetrics"]

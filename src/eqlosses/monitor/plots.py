@@ -252,7 +252,8 @@ _MARKERS = "osD^vP*Xh<>"
 
 
 def _per_class_accuracy_figure(runs: Mapping[str, Sequence[float]], train_counts: Any,
-                               title: Optional[str] = None) -> "Figure":
+                               title: Optional[str] = None, metric: str = "accuracy"
+                               ) -> "Figure":
     from matplotlib.ticker import PercentFormatter
 
     counts = _as_counts(train_counts)
@@ -269,20 +270,22 @@ def _per_class_accuracy_figure(runs: Mapping[str, Sequence[float]], train_counts
                 lw=1.3, label=str(name))
     ax.set_ylim(-0.02, 1.05)
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-    ax.set_ylabel("per-class accuracy")
+    ax.set_ylabel(f"per-class {metric}")
     ax.grid(axis="y", alpha=0.3)
     _class_axis(ax, order)
     handles, labels = ax.get_legend_handles_labels()
     th, tl = twin.get_legend_handles_labels()
     ax.legend(handles + th, labels + tl, loc="lower left", fontsize=8)
     ax.set_title(title if title is not None else
-                 "Per-class accuracy, classes sorted by training count")
+                 f"Per-class {metric}, classes sorted by training count")
     return fig
 
 
 def plot_per_class_accuracy(runs: Mapping[str, Sequence[float]], train_counts: Any,
-                            out_png: PathLike, title: Optional[str] = None) -> Path:
-    """Per-class accuracy of several runs, classes sorted by training count (head left).
+                            out_png: PathLike, title: Optional[str] = None,
+                            metric: str = "accuracy") -> Path:
+    """Per-class accuracy (or AP, IoU: ``metric`` names it) of several runs, classes sorted
+    by training count (head left).
 
     One line with markers per run (NaN, a class without test samples, leaves a gap) over grey
     bars of the training count on a secondary log axis.
@@ -293,12 +296,13 @@ def plot_per_class_accuracy(runs: Mapping[str, Sequence[float]], train_counts: A
         train_counts: ``[C]`` training samples per class.
         out_png: the image file to write.
         title: the figure title.
+        metric: what the values are, for the axis label and default title.
     """
-    return _save(_per_class_accuracy_figure(runs, train_counts, title), out_png)
+    return _save(_per_class_accuracy_figure(runs, train_counts, title, metric), out_png)
 
 
 def _group_accuracy_figure(runs: Mapping[str, Mapping[str, float]],
-                           title: Optional[str] = None) -> "Figure":
+                           title: Optional[str] = None, metric: str = "accuracy") -> "Figure":
     from matplotlib.ticker import PercentFormatter
 
     if not runs:
@@ -322,15 +326,16 @@ def _group_accuracy_figure(runs: Mapping[str, Mapping[str, float]],
     ax.set_xticklabels(groups)
     ax.set_ylim(0, 1.1)
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(metric)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", ncols=min(n, 4), bbox_to_anchor=(0.5, -0.08))
-    ax.set_title(title if title is not None else "Accuracy overall and per frequency group")
+    ax.set_title(title if title is not None else
+                 f"{metric[0].upper()}{metric[1:]} overall and per frequency group")
     return fig
 
 
 def plot_group_accuracy(runs: Mapping[str, Mapping[str, float]], out_png: PathLike,
-                        title: Optional[str] = None) -> Path:
+                        title: Optional[str] = None, metric: str = "accuracy") -> Path:
     """Grouped bars of the accuracy of each run, overall and per frequency group.
 
     Args:
@@ -340,6 +345,7 @@ def plot_group_accuracy(runs: Mapping[str, Mapping[str, float]], out_png: PathLi
             as an empty bar labelled ``n/a``.
         out_png: the image file to write.
         title: the figure title.
+        metric: what the values are (``"accuracy"``, ``"AP"``, ``"mIoU"``).
     """
-    return _save(_group_accuracy_figure(runs, title), out_png)
+    return _save(_group_accuracy_figure(runs, title, metric), out_png)
 

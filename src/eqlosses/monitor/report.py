@@ -88,22 +88,36 @@ def _check_runs(runs: Sequence[Mapping[str, Any]]) -> None:
         if not isinstance(run["metrics"], Mapping):
             found = type(run["metrics"]).__name__
             raise ValueError(f"runs[{i}]['metrics'] must be the dict of "
-                             f"ClassificationMetrics.compute(), got {found}")
+                             f"a metrics compute(), got {found}")
 
 
-def _results_table(runs: Sequence[Mapping[str, Any]]) -> Tuple[str, List[str]]:
+#: the headline columns (metric key, label) of the classification results table
+CLASSIFICATION_COLUMNS = (("top1", "Top-1"), ("balanced_accuracy", "Balanced acc."))
+
+
+def _lookup(metrics: Mapping[str, Any], key: str) -> Any:
+    """``metrics[key]``, where a dotted key reads a nested dict (``segm.AP``)."""
+    value: Any = metrics
+    for part in key.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _results_table(runs: Sequence[Mapping[str, Any]],
+                   columns: Sequence[Tuple[str, str]] = CLASSIFICATION_COLUMNS
+                   ) -> Tuple[str, List[str]]:
     groups: List[str] = []
     for run in runs:
         groups.extend(g for g in (run["metrics"].get("groups") or {}) if g not in groups)
     groups = head_to_tail(groups)
-    columns = [("top1", "Top-1 (%)"), ("balanced_accuracy", "Balanced acc. (%)")]
-    columns += [(g, f"{g} (%)") for g in groups]
+    all_columns = [(key, f"{label} (%)") for key, label in columns]
+    all_columns += [(f"groups.{g}", f"{g} (%)") for g in groups]
     values: List[List[Optional[float]]] = []
     for run in runs:
-        m = run["metrics"]
-        group_acc = m.get("groups") or {}
-        values.append([_finite(m.get("top1")), _finite(m.get("balanced_accuracy"))]
-                      + [_finite(group_acc.get(g)) for g in groups])
+        values.append([_finite(_lookup(run["metrics"], key)) for key, _ in all_columns])
+    columns = all_columns
     best = []
     for j in range(len(columns)):
         col = [row[j] for row in values if row[j] is not None]
@@ -160,7 +174,9 @@ def _figure(image: PathLike) -> str:
 
 
 def write_html_report(out_html: PathLike, title: str, runs: Sequence[Mapping[str, Any]],
-                      images: Sequence[PathLike], notes: str = "") -> Path:
+                      images: Sequence[PathLike], notes: str = "",
+                      columns: Sequence[Tuple[str, str]] = CLASSIFICATION_COLUMNS,
+                      group_note: Optional[str] = None) -> Path:
     """Write one self-contained HTML report and return its path.
 
     The report has the title, a results table (one row per run: name, loss, top-1, balanced
@@ -177,6 +193,11 @@ def write_html_report(out_html: PathLike, title: str, runs: Sequence[Mapping[str
             other keys are ignored.
         images: image files (PNG, JPEG, GIF or SVG) to embed, in order.
         notes: free text shown at the end.
+        columns: the headline columns as ``(metric key, label)``; a dotted key reads a
+            nested dict (``("segm.AP", "mask AP")``); default top-1 and balanced accuracy.
+            The frequency groups' columns follow.
+        group_note: the sentence under the table that explains the groups (default: the
+            classification groups, from the runs' ``group_bounds``).
 
     Example:
         >>> import tempfile
@@ -189,7 +210,7 @@ def write_html_report(out_html: PathLike, title: str, runs: Sequence[Mapping[str
     """
     _check_runs(runs)
     e = html.escape
-    table, _ = _results_table(runs) if runs else ("<p>No runs.</p>", [])
+    table, _ = _results_table(runs, columns) if runs else ("<p>No runs.</p>", [])
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en">',
@@ -205,7 +226,8 @@ def write_html_report(out_html: PathLike, title: str, runs: Sequence[Mapping[str
         table,
     ]
     if runs:
-        note = _bounds_note(runs)
+        note = (f'<p class="bounds">{e(group_note)}</p>' if group_note is not None
+                else _bounds_note(runs))
         if note:
             parts.append(note)
     if images:

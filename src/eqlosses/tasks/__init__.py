@@ -1,1 +1,2 @@
-"""Training tasks built on the core: classification (detection and segmentation to come)."""
+"""Training tasks built on the core: classification, detection and segmentation (one shared
+training loop in ``engine``)."""

@@ -160,3 +160,16 @@ def maybe_tensorboard(enabled: bool, log_dir: Path):
     except Exception:  # noqa: BLE001 - tensorboard is optional
         return None
     return SummaryWriter(log_dir=str(log_dir))
+
+
+def ensure_canvas(root: Path, kind: str) -> None:
+    """Generate the canvas benchmark at ``root`` with the default specification when the
+    folder does not exist yet (rank 0 writes, the other ranks wait)."""
+    from ..data import canvas
+
+    if not root.exists() and distributed.rank() == 0:
+        print(f"generating the canvas {kind} benchmark in {root} (default specification)",
+              flush=True)
+        (canvas.make_segmentation if kind == "segmentation" else canvas.make_detection)(root)
+    if distributed.world_size() > 1:
+        torch.distributed.barrier()

@@ -1,0 +1,264 @@
+"""Long-tailed object detection: LVIS-format data, detectors trained by any loss, LVIS AP.
+
+``build_job(cfg)`` builds the data (the generated canvas benchmark, or LVIS / COCO files),
+the classification loss (Sigmoid-EQL, EQL, BCE, CE, Seesaw, federated for the R-CNN box
+classifier; focal, EFL, EQFL for RetinaNet / FCOS) and the detector that the loss is injected
+into (:mod:`eqlosses.tasks.detection_models`); ``train(cfg)`` hands them to the shared loop
+:func:`eqlosses.tasks.engine.fit`. Evaluation follows the LVIS protocol (score threshold
+1e-4, 300 detections per image, per-class NMS) and reports AP, AP50, AP75, AP_r, AP_c, AP_f
+for boxes (and masks with Mask R-CNN) with faster-coco-eval; every rank evaluates its own
+images and rank 0 gathers the detections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .. import distributed
+from ..config import DetectionConfig, LossConfig
+from ..data.lvis import collate_detection
+from ..losses import LongTailLoss, build_loss
+from .common import ensure_canvas, resolve_device
+from .engine import Job, amp_dtype, check_checkpoint, fit, load_for_eval, prepare_run
+
+__all__ = ["DetectionData", "SeededFlip", "build_data", "build_criterion", "build_job",
+           "evaluate", "train", "evaluate_checkpoint", "run_dir_for", "ONE_STAGE_LOSSES",
+           "TWO_STAGE_LOSSES"]
+
+#: box-classifier losses of the R-CNNs, and dense losses of the one-stage detectors
+TWO_STAGE_LOSSES = ("ce", "bce", "eql", "sigmoid_eql", "seesaw", "federated")
+ONE_STAGE_LOSSES = ("focal", "efl", "eqfl")
+
+
+@dataclass
+class DetectionData:
+    train: Dataset
+    val: Dataset
+    val_ann: Path
+    num_classes: int
+    class_names: List[str]
+    category_ids: List[int]
+    image_counts: torch.Tensor  # training images per class (int64 [C])
+    image_labels: List[List[int]]  # classes present per training image
+    groups: Any  # FrequencyGroups (rare / common / frequent)
+
+
+class SeededFlip(Dataset):
+    """Random horizontal flip of image, boxes and masks with probability 1/2, drawn from
+    ``item_seed(seed, epoch, index)``: a pure function of the three, so resume is exact and
+    workers do not matter. Call :meth:`set_epoch` each epoch."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int):
+        from ..data.segmentation import item_seed
+
+        image, target = self.dataset[index]
+        g = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
+        if torch.rand((), generator=g) < 0.5:
+            width = image.shape[-1]
+            image = image.flip(-1)
+            target = dict(target)
+            boxes = target["boxes"].clone()
+            boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+            target["boxes"] = boxes
+            if "masks" in target:
+                target["masks"] = target["masks"].flip(-1)
+        return image, target
+
+
+def build_data(cfg: DetectionConfig) -> DetectionData:
+    """The training and validation sets named by ``cfg.data``."""
+    from ..data.lvis import LVISDetection
+
+    d = cfg.data
+    with_masks = cfg.model.arch == "mask_rcnn"
+    if d.name == "canvas":
+        if d.root is None:
+            raise ValueError("data.name=canvas needs data.root (where the benchmark is, or "
+                             "is generated)")
+        root = Path(d.root)
+        ensure_canvas(root, "detection")
+        train_ann, val_ann = (root / "annotations" / f"lvis_v1_{s}.json" for s in ("train",
+                                                                                   "val"))
+        train_images = val_images = root / "images"
+    elif d.name in ("lvis", "coco"):
+        missing = [k for k in ("train_ann", "val_ann", "train_images", "val_images")
+                   if getattr(d, k) is None]
+        if missing:
+            raise ValueError(f"data.name={d.name} needs data.{', data.'.join(missing)} "
+                             f"(annotation JSON files and the folders their image paths are "
+                             f"relative to; for LVIS v1 the folder holding train2017/ and "
+                             f"val2017/)")
+        train_ann, val_ann = Path(d.train_ann), Path(d.val_ann)
+        train_images, val_images = Path(d.train_images), Path(d.val_images)
+    else:
+        raise ValueError(f"unknown data.name '{d.name}'; choose canvas, lvis or coco")
+    train = LVISDetection(train_ann, train_images, with_masks=with_masks,
+                          skip_empty=d.skip_empty)
+    val = LVISDetection(val_ann, val_images, with_masks=False)
+    if val.category_ids != train.category_ids:
+        raise ValueError(f"{train_ann} and {val_ann} have different category lists "
+                         f"({train.num_classes} vs {val.num_classes} categories)")
+    groups = train.frequency_groups()
+    counts = train.class_image_counts()
+    labels = train.image_labels()
+    train_set: Dataset = SeededFlip(train, cfg.seed) if d.flip else train
+    val_set: Dataset = val
+    if d.max_val_images is not None and d.max_val_images < len(val):
+        val_set = Subset(val, list(range(d.max_val_images)))
+    return DetectionData(train_set, val_set, val_ann, train.num_classes,
+                         list(train.class_names), list(train.category_ids), counts, labels,
+                         groups)
+
+
+def build_criterion(loss_cfg: LossConfig, arch: str, num_classes: int,
+                    image_counts: torch.Tensor, num_images: int,
+                    generator: Optional[torch.Generator] = None) -> LongTailLoss:
+    """The classification loss of the detector, with the detection conventions filled in:
+    a background column for softmax CE, an objectness column for BCE and Sigmoid-EQL, the
+    image frequencies for EQL (``lambda_`` 0.0011 as for LVIS v1) and the image counts for
+    the federated loss."""
+    one_stage = arch in ("retinanet", "fcos")
+    allowed = ONE_STAGE_LOSSES if one_stage else TWO_STAGE_LOSSES
+    if loss_cfg.name not in allowed:
+        raise ValueError(f"loss '{loss_cfg.name}' does not fit model.arch={arch}; choose one "
+                         f"of {', '.join(allowed)}")
+    counts = image_counts.to(torch.float64)
+    injected = {
+        "ce": {"background": True},
+        "bce": {"objectness": True},
+        "eql": {"class_frequency": counts / max(num_images, 1)},
+        "federated": {"class_image_counts": counts, "generator": generator},
+    }.get(loss_cfg.name, {})
+    kwargs = dict(loss_cfg.kwargs)
+    for key, value in injected.items():
+        kwargs.setdefault(key, value)
+    return build_loss(loss_cfg.name, num_classes, **kwargs)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, val_ann: Path, category_ids: List[int],
+             iou_types: Tuple[str, ...], device: torch.device, max_dets: int = 300,
+             batch_size: int = 8, num_workers: int = 0) -> Dict[str, Any]:
+    """LVIS AP of ``model`` on ``dataset``; each rank runs its own images and rank 0 gathers
+    every rank's detections (the other ranks return ``{}``).
+
+    Returns ``{"bbox": {...}, "segm": {...}}`` (faster-coco-eval ``lvis_style``) plus the
+    box metrics at the top level (``AP``, ``AP50``, ``AP75``, ``APr``, ``APc``, ``APf``,
+    ``groups``: rare / common / frequent AP, ``per_class_ap``).
+    """
+    from ..metrics.detection import LVISEvaluator
+
+    model.eval()
+    rank, world = distributed.rank(), distributed.world_size()
+    if world > 1:  # BatchNorm running statistics drift apart under DDP: evaluate rank 0's
+        for buf in model.buffers():
+            torch.distributed.broadcast(buf, 0)
+    shard = Subset(dataset, list(range(rank, len(dataset), world))) if world > 1 else dataset
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_detection, generator=torch.Generator())
+    evaluator = LVISEvaluator(val_ann, category_ids, iou_types=iou_types, max_dets=max_dets)
+    for images, targets in loader:
+        outputs = model([im.to(device) for im in images])
+        evaluator.update([{k: v.cpu() for k, v in out.items()} for out in outputs],
+                         [int(t["image_id"]) for t in targets])
+    result = evaluator.compute()
+    if rank != 0 or not result:
+        return {}
+    box = result["bbox"]
+    metrics: Dict[str, Any] = dict(result)
+    for key in ("AP", "AP50", "AP75", "APr", "APc", "APf", "per_class_ap"):
+        metrics[key] = box[key]
+    metrics["groups"] = {"rare": box["APr"], "common": box["APc"], "frequent": box["APf"]}
+    return metrics
+
+
+def run_dir_for(cfg: DetectionConfig) -> Path:
+    name = cfg.name or (f"det-{cfg.data.name}-{cfg.model.arch}-{cfg.loss.name}-"
+                        f"{cfg.data.sampler}-seed{cfg.seed}")
+    return Path(cfg.output_dir) / name
+
+
+def build_job(cfg: DetectionConfig, device: torch.device) -> Job:
+    """Data, loss (which sets the classifier's logit channels) and detector, as a Job."""
+    from .detection_models import build_detector
+
+    data = build_data(cfg)
+    generator = torch.Generator(device).manual_seed(cfg.seed * 7919 + distributed.rank())
+    num_images = len(data.image_labels)
+    criterion = build_criterion(cfg.loss, cfg.model.arch, data.num_classes, data.image_counts,
+                                num_images, generator)
+    m, e = cfg.model, cfg.eval
+    model = build_detector(m.arch, data.num_classes, criterion, backbone=m.backbone,
+                           min_size=m.min_size, max_size=m.max_size, pretrained=m.pretrained,
+                           pretrained_backbone=m.pretrained_backbone,
+                           score_thresh=e.score_thresh, detections_per_img=e.detections_per_img,
+                           nms_thresh=e.nms_thresh, **m.options).to(device)
+    amp = amp_dtype(cfg.optim.amp, device)
+    iou_types = ("bbox", "segm") if m.arch == "mask_rcnn" else ("bbox",)
+
+    def step(train_model: nn.Module, batch) -> Tuple[torch.Tensor, int, Dict[str, Any]]:
+        images, targets = batch
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
+                   for t in targets]
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            losses = train_model(images, targets)
+        total = sum(losses.values())
+        return total, len(images), {k: v.detach() for k, v in losses.items()}
+
+    def run_evaluation() -> Dict[str, Any]:
+        return evaluate(model, data.val, data.val_ann, data.category_ids, iou_types, device,
+                        e.detections_per_img, cfg.data.eval_batch_size, cfg.data.num_workers)
+
+    d = cfg.data
+    counts = data.image_counts.tolist()
+    return Job(kind="det", model=model, criterion=criterion, train_set=data.train,
+               sampler_labels=data.image_labels, num_classes=data.num_classes, step=step,
+               evaluate=run_evaluation, summary_keys=("AP", "APr", "APc", "APf"),
+               layout={"data": d.name, "root": str(d.root), "train_ann": d.train_ann,
+                       "flip": d.flip, "skip_empty": d.skip_empty},
+               collate_fn=collate_detection,
+               start_info={"train_image_counts": counts,
+                           "groups": data.groups.group_of()},
+               result_info={"train_counts": counts, "count_unit": "images",
+                            "class_names": data.class_names,
+                            "group_of": data.groups.group_of()},
+               loss_generator=generator)
+
+
+def train(cfg: DetectionConfig, resume: bool = False, overwrite: bool = False
+          ) -> Dict[str, Any]:
+    """Train and evaluate as configured; returns the final metrics (see
+    :func:`eqlosses.tasks.engine.fit` for the outputs)."""
+    run_dir = run_dir_for(cfg)
+    device = prepare_run(cfg, run_dir, resume, overwrite)
+    return fit(cfg, build_job(cfg, device), device, run_dir, resume)
+
+
+def evaluate_checkpoint(path: Path, device: str = "auto", overrides: Optional[list] = None
+                        ) -> Tuple[Dict[str, Any], DetectionConfig]:
+    """Evaluate a detection checkpoint on its configured validation set."""
+    from ..config import apply_overrides, from_dict
+
+    ckpt = load_for_eval(Path(path), "det")
+    cfg = apply_overrides(from_dict(ckpt["config"], DetectionConfig()), overrides or [])
+    dev = resolve_device(device)
+    job = build_job(cfg, dev)
+    check_checkpoint(ckpt, cfg, "det", job.num_classes, Path(path))
+    job.model.load_state_dict(ckpt["model"])
+    return job.evaluate(), cfg
