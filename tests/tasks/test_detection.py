@@ -26,12 +26,18 @@ def _cfg(tmp_path, canvas, *overrides, name="run"):
     return load_config(None, [f"output_dir={tmp_path}", f"name={name}", f"data.root={canvas}",
                               "model.backbone=tiny", "model.min_size=64", "model.max_size=64",
                               "optim.epochs=1", "data.batch_size=8", "progress=false",
-                              "tensorboard=false", "data.max_val_images=12", *overrides],
+                              "tensorboard=false", "data.max_val_images=4",
+                              "eval.detections_per_img=50", *overrides],
                        task="det")
 
 
+RCNN_SMALL = ("model.options.box_batch_size_per_image=32",
+              "model.options.rpn_post_nms_top_n_train=100",
+              "model.options.rpn_post_nms_top_n_test=100")
+
+
 def test_sigmoid_eql_faster_rcnn_trains_and_reports_lvis_ap(tmp_path, canvas):
-    result = det.train(_cfg(tmp_path, canvas, "stats_every=1"))
+    result = det.train(_cfg(tmp_path, canvas, "stats_every=1", *RCNN_SMALL))
     m = result["metrics"]
     for key in ("AP", "AP50", "AP75", "APr", "APc", "APf"):
         assert key in m and key in m["bbox"]
@@ -52,12 +58,13 @@ def test_retinanet_efl_and_mask_rcnn_train(tmp_path, canvas):
     r = det.train(_cfg(tmp_path, canvas, "model.arch=retinanet", "loss.name=efl", name="efl"))
     assert "APr" in r["metrics"]
     m = det.train(_cfg(tmp_path, canvas, "model.arch=mask_rcnn", "loss.name=sigmoid_eql",
-                       name="mask"))["metrics"]
+                       *RCNN_SMALL, name="mask"))["metrics"]
     assert "segm" in m and "APr" in m["segm"]
 
 
 def test_resume_after_ctrl_c_is_exact(tmp_path, canvas, monkeypatch):
-    args = ("optim.epochs=2", "checkpoint_every_steps=1", "data.sampler=rfs")
+    args = ("optim.epochs=2", "checkpoint_every_steps=2", "data.sampler=rfs",
+            "data.rfs_threshold=0.3", *RCNN_SMALL)
     det.train(_cfg(tmp_path, canvas, *args, name="straight"))
     original = Progress.update
     calls = {"n": 0}
@@ -72,7 +79,7 @@ def test_resume_after_ctrl_c_is_exact(tmp_path, canvas, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         det.train(_cfg(tmp_path, canvas, *args, name="stopped"))
     monkeypatch.setattr(Progress, "update", original)
-    assert load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")["step"] == 3
+    assert load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")["step"] == 3  # Ctrl-C saves
     det.train(_cfg(tmp_path, canvas, *args, name="stopped"), resume=True)
     a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")
@@ -82,7 +89,7 @@ def test_resume_after_ctrl_c_is_exact(tmp_path, canvas, monkeypatch):
 
 
 def test_eval_checkpoint_and_clear_errors(tmp_path, canvas):
-    det.train(_cfg(tmp_path, canvas, "loss.name=ce", name="ce"))
+    det.train(_cfg(tmp_path, canvas, "loss.name=ce", *RCNN_SMALL, name="ce"))
     metrics, cfg = det.evaluate_checkpoint(tmp_path / "ce" / "checkpoint.pt", device="cpu")
     assert cfg.loss.name == "ce" and "APr" in metrics
     with pytest.raises(ValueError, match="does not fit model.arch=retinanet"):

@@ -53,7 +53,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Tuple, Union
 
 import numpy as np
 
