@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+from _tables import cell, get, write_table
 
 from eqlosses.config import load_config
 from eqlosses.tasks.detection import run_dir_for, train
@@ -34,17 +36,6 @@ RUNS = ("faster_rcnn:ce", "faster_rcnn:bce", "faster_rcnn:eql", "faster_rcnn:sig
 COLUMNS = (("AP", "AP"), ("AP50", "AP50"), ("APr", "AP_r"), ("APc", "AP_c"), ("APf", "AP_f"),
            ("segm.AP", "mask AP"), ("segm.APr", "mask AP_r"), ("segm.APc", "mask AP_c"),
            ("segm.APf", "mask AP_f"))
-
-
-def _get(metrics, key):
-    value = metrics
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
-def _cell(value) -> str:
-    return "-" if value is None or value != value else f"{100 * value:.1f}"
 
 
 def main(argv=None) -> int:
@@ -96,30 +87,26 @@ def main(argv=None) -> int:
             result = train(cfg, overwrite=True)
         m = result["metrics"]
         rows.append((arch, loss, sampler, m))
-        print(f"{name}: AP {_cell(m['AP'])} APr {_cell(m['APr'])} APc {_cell(m['APc'])} "
-              f"APf {_cell(m['APf'])} ({time.time() - start:.0f} s)", flush=True)
+        print(f"{name}: AP {cell(m['AP'])} APr {cell(m['APr'])} APc {cell(m['APc'])} "
+              f"APf {cell(m['APf'])} ({time.time() - start:.0f} s)", flush=True)
 
-    columns = [(k, label) for k, label in COLUMNS if any(_get(m, k) is not None
+    columns = [(k, label) for k, label in COLUMNS if any(get(m, k) is not None
                                                          for *_, m in rows)]
     lines = [f"Canvas detection benchmark (60 classes; LVIS groups by training images: rare "
              f"1-10, common 11-100, frequent > 100), backbone {args.backbone}-FPN from random "
              f"init, {args.epochs} epochs (SGD, lr 0.02 R-CNN / 0.01 RetinaNet, steps at 70% "
-             f"and 90%), batch 8, seed {args.seed}; RFS with t = {args.rfs_threshold} and "
-             f"EQL with lambda = {args.eql_lambda} (LVIS's values rescaled to 658 images); "
+             f"and 90%), batch {cfg.data.batch_size}, seed {args.seed}; RFS with t = "
+             f"{args.rfs_threshold} and EQL with lambda = {args.eql_lambda} (LVIS's values rescaled to 658 images); "
              f"LVIS-style AP (%) on the validation canvases (faster-coco-eval, lvis_style; "
              f"score threshold 1e-4, 300 detections per image).", "",
              "| detector | loss | sampler | " + " | ".join(label for _, label in columns)
              + " |", "|---|---|---|" + "---|" * len(columns)]
     for arch, loss, sampler, m in rows:
         lines.append(f"| {arch} | {loss} | {sampler} | "
-                     + " | ".join(_cell(_get(m, k)) for k, _ in columns) + " |")
-    lines += ["", "Command: `python benchmarks/det_canvas.py " + " ".join(
-        a if " " not in a else repr(a) for a in (argv if argv is not None else
-                                                  __import__("sys").argv[1:])) + "`"]
-    table = "\n".join(lines)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.md").write_text(table + "\n")
-    print(table)
+                     + " | ".join(cell(get(m, k)) for k, _ in columns) + " |")
+    lines += ["", "Command: `python benchmarks/det_canvas.py "
+              + " ".join(argv if argv is not None else sys.argv[1:]) + "`"]
+    write_table(args.out, lines)
     return 0
 
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from _tables import cell, get, write_table
 
 from eqlosses.config import load_config
 from eqlosses.tasks.segmentation import run_dir_for, train
@@ -26,17 +27,6 @@ from eqlosses.tasks.segmentation import run_dir_for, train
 LOSSES = ("ce", "balanced_softmax", "softmax_eql")
 COLUMNS = (("miou", "mIoU"), ("pixel_accuracy", "pixel acc."), ("groups.head", "head mIoU"),
            ("groups.body", "body mIoU"), ("groups.tail", "tail mIoU"))
-
-
-def _get(metrics, key):
-    value = metrics
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
-def _cell(value) -> str:
-    return "-" if value is None or value != value else f"{100 * value:.1f}"
 
 
 def main(argv=None) -> int:
@@ -71,8 +61,8 @@ def main(argv=None) -> int:
             result = train(cfg, overwrite=True)
         m = result["metrics"]
         rows.append((loss, m))
-        print(f"{loss}: mIoU {_cell(m['miou'])} head {_cell(_get(m, 'groups.head'))} body "
-              f"{_cell(_get(m, 'groups.body'))} tail {_cell(_get(m, 'groups.tail'))} "
+        print(f"{loss}: mIoU {cell(m['miou'])} head {cell(get(m, 'groups.head'))} body "
+              f"{cell(get(m, 'groups.body'))} tail {cell(get(m, 'groups.tail'))} "
               f"({time.time() - start:.0f} s)", flush=True)
 
     bounds = rows[0][1].get("group_bounds", {}) if rows else {}
@@ -86,13 +76,10 @@ def main(argv=None) -> int:
              "", "| loss | " + " | ".join(label for _, label in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
     for loss, m in rows:
-        lines.append(f"| {loss} | " + " | ".join(_cell(_get(m, k)) for k, _ in COLUMNS) + " |")
+        lines.append(f"| {loss} | " + " | ".join(cell(get(m, k)) for k, _ in COLUMNS) + " |")
     lines += ["", "Command: `python benchmarks/seg_canvas.py "
               + " ".join(argv if argv is not None else sys.argv[1:]) + "`"]
-    table = "\n".join(lines)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.md").write_text(table + "\n")
-    print(table)
+    write_table(args.out, lines)
     return 0
 
 

@@ -94,8 +94,11 @@ class EvalConfig:
 
 
 @dataclass
-class ClassificationConfig:
-    task: str = "cls"
+class RunConfig:
+    """What every task's configuration has: the run's name and place, seeding, device and
+    how often it logs, records statistics and checkpoints."""
+
+    task: str = "cls"  # set by each task's configuration class
     name: Optional[str] = None
     output_dir: str = "runs"
     seed: int = 0
@@ -106,6 +109,11 @@ class ClassificationConfig:
     checkpoint_every_steps: int = 0
     tensorboard: bool = True
     progress: bool = True
+
+
+@dataclass
+class ClassificationConfig(RunConfig):
+    task: str = "cls"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -170,18 +178,8 @@ class DetEvalConfig:
 
 
 @dataclass
-class DetectionConfig:
+class DetectionConfig(RunConfig):
     task: str = "det"
-    name: Optional[str] = None
-    output_dir: str = "runs"
-    seed: int = 0
-    device: str = "auto"
-    deterministic: bool = False
-    log_every: int = 20
-    stats_every: int = 10
-    checkpoint_every_steps: int = 0
-    tensorboard: bool = True
-    progress: bool = True
     data: DetDataConfig = field(default_factory=DetDataConfig)
     model: DetModelConfig = field(default_factory=DetModelConfig)
     loss: LossConfig = field(default_factory=lambda: LossConfig(name="sigmoid_eql"))
@@ -239,18 +237,8 @@ class SegEvalConfig:
 
 
 @dataclass
-class SegmentationConfig:
+class SegmentationConfig(RunConfig):
     task: str = "seg"
-    name: Optional[str] = None
-    output_dir: str = "runs"
-    seed: int = 0
-    device: str = "auto"
-    deterministic: bool = False
-    log_every: int = 20
-    stats_every: int = 10
-    checkpoint_every_steps: int = 0
-    tensorboard: bool = True
-    progress: bool = True
     data: SegDataConfig = field(default_factory=SegDataConfig)
     model: SegModelConfig = field(default_factory=SegModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

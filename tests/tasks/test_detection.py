@@ -1,6 +1,7 @@
 """The detection pipeline end to end on a tiny generated canvas benchmark (seconds)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from eqlosses.config import ConfigError, load_config  # noqa: E402
 from eqlosses.data.canvas import make_detection  # noqa: E402
 from eqlosses.tasks import detection as det  # noqa: E402
 from eqlosses.tasks.common import Progress, load_checkpoint  # noqa: E402
+from tests.dist_utils import free_port, spawn_and_wait  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +105,50 @@ def test_eval_checkpoint_and_clear_errors(tmp_path, canvas):
         det.train(_cfg(tmp_path, canvas, "loss.name=bce", name="ce"), resume=True)
     with pytest.raises(ConfigError, match="task is fixed"):
         _cfg(tmp_path, canvas, "task=seg")
+
+
+def _ddp_worker(rank, port, out_dir, canvas):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from eqlosses.metrics import detection as metrics_det
+
+    seen = []
+    original = metrics_det.LVISEvaluator.update
+
+    def spy(self, outputs, image_ids):  # which images this rank evaluates
+        image_ids = list(image_ids)
+        seen.extend(image_ids)
+        return original(self, outputs, image_ids)
+
+    metrics_det.LVISEvaluator.update = spy
+    built = []
+    build_criterion = det.build_criterion
+    det.build_criterion = lambda *a, **k: built.append(build_criterion(*a, **k)) or built[-1]
+    cfg = _cfg(out_dir, canvas, "model.arch=retinanet", "loss.name=efl", "data.batch_size=4",
+               "data.max_val_images=null", name="ddp")
+    result = det.train(cfg)
+    stats = built[0].stats
+    torch.save({"metrics": result["metrics"], "seen": seen, "pos_grad": stats.pos_grad.clone(),
+                "neg_grad": stats.neg_grad.clone()}, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_share_statistics_and_evaluate_every_image_once(tmp_path, canvas):
+    spawn_and_wait(_ddp_worker, (free_port(), str(tmp_path), str(canvas)), 2, 300,
+                   "2-process detection training")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    num_val = len(json.loads((canvas / "annotations" / "lvis_v1_val.json").read_text())
+                  ["images"])
+    assert sorted(r0["seen"] + r1["seen"]) == sorted(set(r0["seen"] + r1["seen"]))
+    assert len(r0["seen"]) + len(r1["seen"]) == num_val  # every image once, no padding
+    assert "APr" in r0["metrics"] and r1["metrics"] == {}  # rank 0 gathers and computes
+    assert r0["metrics"]["bbox"]["num_images"] == num_val
+    # EFL statistics: one all-reduce per step, identical on both ranks
+    assert torch.equal(r0["pos_grad"], r1["pos_grad"]) and r0["pos_grad"].sum() > 0
+    assert torch.equal(r0["neg_grad"], r1["neg_grad"])

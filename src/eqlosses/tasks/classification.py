@@ -20,12 +20,10 @@ from .. import distributed
 from ..config import ClassificationConfig, LossConfig
 from ..data.frequency import FrequencyGroups, class_counts, many_medium_few_groups
 from ..losses import LongTailLoss, build_loss
-from .common import resolve_device
-from .engine import (Job, amp_dtype, check_checkpoint, fit, load_for_eval, prepare_run,
-                     train_one_epoch)
+from .engine import Job, amp_dtype, evaluate_saved, run
 from .models import build_classifier
 
-__all__ = ["ClassificationData", "build_data", "build_criterion", "train", "train_one_epoch",
+__all__ = ["ClassificationData", "build_data", "build_criterion", "train",
            "evaluate", "evaluate_checkpoint", "run_dir_for"]
 
 #: losses that need detection conventions (objectness columns, quality targets)
@@ -237,23 +235,11 @@ def build_job(cfg: ClassificationConfig, device: torch.device) -> Job:
 def train(cfg: ClassificationConfig, resume: bool = False, overwrite: bool = False
           ) -> Dict[str, Any]:
     """Train and evaluate as configured; returns the final metrics. Outputs go to the run
-    directory: config.yaml, log.jsonl, stats.jsonl, checkpoint.pt, metrics.json (and
-    TensorBoard events when installed)."""
-    run_dir = run_dir_for(cfg)
-    device = prepare_run(cfg, run_dir, resume, overwrite)
-    return fit(cfg, build_job(cfg, device), device, run_dir, resume)
+    directory (see :func:`eqlosses.tasks.engine.fit`)."""
+    return run(cfg, build_job, run_dir_for(cfg), resume, overwrite)
 
 
 def evaluate_checkpoint(path: Path, device: str = "auto", overrides: Optional[list] = None
                         ) -> Tuple[Dict[str, Any], ClassificationConfig]:
     """Evaluate a checkpoint on its configured evaluation set (optionally overridden)."""
-    from ..config import apply_overrides, from_dict
-
-    ckpt = load_for_eval(Path(path), "cls")
-    cfg = apply_overrides(from_dict(ckpt["config"], ClassificationConfig()), overrides or [])
-    dev = resolve_device(device)
-    job = build_job(cfg, dev)
-    check_checkpoint(ckpt, cfg, "cls", job.num_classes, Path(path))
-    job.criterion.load_state_dict(ckpt["criterion"])
-    job.model.load_state_dict(ckpt["model"])
-    return job.evaluate(), cfg
+    return evaluate_saved(path, "cls", ClassificationConfig, build_job, device, overrides)

@@ -7,18 +7,20 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .. import distributed
 
 __all__ = ["resolve_device", "init_distributed", "seed_everything", "rng_state",
            "set_rng_state", "save_checkpoint", "load_checkpoint", "JsonlLog", "Progress",
-           "maybe_tensorboard", "truncate_jsonl"]
+           "maybe_tensorboard", "truncate_jsonl", "ensure_canvas", "load_weights_file"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -173,3 +175,81 @@ def ensure_canvas(root: Path, kind: str) -> None:
         (canvas.make_segmentation if kind == "segmentation" else canvas.make_detection)(root)
     if distributed.world_size() > 1:
         torch.distributed.barrier()
+
+
+def _strip_prefixes(state: Dict[str, torch.Tensor], own: Mapping[str, torch.Tensor],
+                    prefixes: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """Remove a key prefix (``module.``, ``backbone.body.``, ...) while that makes more keys
+    match ``own``."""
+    while True:
+        hits = sum(k in own for k in state)
+        best = None
+        for p in prefixes:
+            cand = {(k[len(p):] if k.startswith(p) else k): v for k, v in state.items()}
+            n = sum(k in own for k in cand)
+            if n > hits and (best is None or n > best[0]):
+                best = (n, cand)
+        if best is None:
+            return state
+        state = best[1]
+
+
+def load_weights_file(module: nn.Module, path: str, prefixes: Sequence[str] = ("module.",),
+                      atomic: Sequence[str] = ()) -> Dict[str, List[str]]:
+    """Load a local state-dict file into ``module`` (never downloads).
+
+    The file holds a state dict or ``{"model": state_dict}``. Key prefixes in ``prefixes``
+    are removed when that makes more keys match. Entries whose shape differs from the
+    module's (the class-specific layers of a checkpoint with another class count) are skipped
+    with a warning listing every one of them with both shapes; the module's entries that the
+    file lacks, and file entries the module lacks, are reported in the same warning. For each
+    key prefix in ``atomic`` (a loss's state: statistics and their update counter), one
+    skipped entry skips all entries under it, so that no half-loaded state results.
+
+    Returns ``{"loaded", "skipped", "missing", "unexpected"}`` key lists.
+
+    Raises:
+        FileNotFoundError: the file does not exist (named in the message).
+        ValueError: the file is not a state dict, or none of its entries fits the module.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"pretrained weights file {file} does not exist")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: expected a state dict, found {type(state).__name__}")
+    own = module.state_dict()
+    state = _strip_prefixes(dict(state), own, prefixes)
+    loaded = sorted(k for k, v in state.items() if k in own and own[k].shape == v.shape)
+    if not loaded:
+        raise ValueError(f"{file}: no parameter matches {type(module).__name__} (is it for "
+                         f"another architecture?); first keys: {list(state)[:3]}")
+    skipped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    for prefix in atomic:
+        if any(k.startswith(prefix) for k in skipped):
+            whole = [k for k in loaded if k.startswith(prefix)]
+            loaded = [k for k in loaded if not k.startswith(prefix)]
+            skipped = sorted(set(skipped) | set(whole))
+    # BatchNorm's counter is absent from FrozenBatchNorm2d: not worth a warning
+    missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in state if k not in own
+                        and not k.endswith("num_batches_tracked"))
+    if skipped or missing or unexpected:
+        parts = []
+        if skipped:
+            parts.append(f"skipped {len(skipped)} entries of another shape (or of a loss state "
+                         f"with such an entry): " + ", ".join(
+                             f"{k} {tuple(state[k].shape)} (model {tuple(own[k].shape)})"
+                             for k in skipped))
+        if missing:
+            parts.append(f"{len(missing)} model entries not in the file keep their "
+                         f"initialisation ({', '.join(missing[:6])}"
+                         f"{', ...' if len(missing) > 6 else ''})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} file entries unused ({', '.join(unexpected[:6])}"
+                         f"{', ...' if len(unexpected) > 6 else ''})")
+        warnings.warn(f"{file}: " + "; ".join(parts), stacklevel=3)
+    module.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    return {"loaded": loaded, "skipped": skipped, "missing": missing, "unexpected": unexpected}

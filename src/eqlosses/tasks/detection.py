@@ -24,8 +24,8 @@ from .. import distributed
 from ..config import DetectionConfig, LossConfig
 from ..data.lvis import collate_detection
 from ..losses import LongTailLoss, build_loss
-from .common import ensure_canvas, resolve_device
-from .engine import Job, amp_dtype, check_checkpoint, fit, load_for_eval, prepare_run
+from .common import ensure_canvas
+from .engine import Job, amp_dtype, evaluate_saved, run
 
 __all__ = ["DetectionData", "SeededFlip", "build_data", "build_criterion", "build_job",
            "evaluate", "train", "evaluate_checkpoint", "run_dir_for", "ONE_STAGE_LOSSES",
@@ -243,22 +243,12 @@ def build_job(cfg: DetectionConfig, device: torch.device) -> Job:
 
 def train(cfg: DetectionConfig, resume: bool = False, overwrite: bool = False
           ) -> Dict[str, Any]:
-    """Train and evaluate as configured; returns the final metrics (see
-    :func:`eqlosses.tasks.engine.fit` for the outputs)."""
-    run_dir = run_dir_for(cfg)
-    device = prepare_run(cfg, run_dir, resume, overwrite)
-    return fit(cfg, build_job(cfg, device), device, run_dir, resume)
+    """Train and evaluate as configured; returns the final metrics. Outputs go to the run
+    directory (see :func:`eqlosses.tasks.engine.fit`)."""
+    return run(cfg, build_job, run_dir_for(cfg), resume, overwrite)
 
 
 def evaluate_checkpoint(path: Path, device: str = "auto", overrides: Optional[list] = None
                         ) -> Tuple[Dict[str, Any], DetectionConfig]:
-    """Evaluate a detection checkpoint on its configured validation set."""
-    from ..config import apply_overrides, from_dict
-
-    ckpt = load_for_eval(Path(path), "det")
-    cfg = apply_overrides(from_dict(ckpt["config"], DetectionConfig()), overrides or [])
-    dev = resolve_device(device)
-    job = build_job(cfg, dev)
-    check_checkpoint(ckpt, cfg, "det", job.num_classes, Path(path))
-    job.model.load_state_dict(ckpt["model"])
-    return job.evaluate(), cfg
+    """Evaluate a checkpoint on its configured evaluation set (optionally overridden)."""
+    return evaluate_saved(path, "det", DetectionConfig, build_job, device, overrides)

@@ -35,8 +35,8 @@ from .common import (JsonlLog, Progress, init_distributed, load_checkpoint, mayb
                      truncate_jsonl)
 
 __all__ = ["Job", "TrainState", "StopRequest", "build_optimizer", "build_schedule",
-           "amp_dtype", "train_one_epoch", "prepare_run", "fit", "check_checkpoint",
-           "load_for_eval"]
+           "amp_dtype", "train_one_epoch", "prepare_run", "fit", "check_checkpoint", "run",
+           "evaluate_saved"]
 
 #: a training step: (model, batch) -> (loss, samples in the batch, extra values to log)
 StepFn = Callable[[nn.Module, Any], Tuple[torch.Tensor, int, Dict[str, torch.Tensor]]]
@@ -397,11 +397,29 @@ def fit(cfg, job: Job, device: torch.device, run_dir: Path, resume: bool = False
     return result
 
 
-def load_for_eval(path: Path, kind: str) -> Dict[str, Any]:
-    """A checkpoint of task ``kind``, with a clear error for anything else."""
+def run(cfg, build_job: Callable[[Any, torch.device], Job], run_dir: Path,
+        resume: bool = False, overwrite: bool = False) -> Dict[str, Any]:
+    """Prepare the run directory and device, build the task's job and :func:`fit` it."""
+    device = prepare_run(cfg, run_dir, resume, overwrite)
+    return fit(cfg, build_job(cfg, device), device, run_dir, resume)
+
+
+def evaluate_saved(path: Path, kind: str, config_type: type,
+                   build_job: Callable[[Any, torch.device], Job], device: str = "auto",
+                   overrides: Optional[list] = None) -> Tuple[Dict[str, Any], Any]:
+    """Evaluate the checkpoint of a ``kind`` run on its configured evaluation set (the
+    configuration saved in it, with ``overrides``); returns ``(metrics, config)``."""
+    from ..config import apply_overrides, from_dict
+
     ckpt = load_checkpoint(Path(path))
     if ckpt.get("format") != _format(kind):
         raise ValueError(f"{path} is not an eqlosses '{kind}' checkpoint (format "
                          f"{ckpt.get('format')!r})")
-    return ckpt
+    cfg = apply_overrides(from_dict(ckpt["config"], config_type()), overrides or [])
+    dev = resolve_device(device)
+    job = build_job(cfg, dev)
+    check_checkpoint(ckpt, cfg, kind, job.num_classes, Path(path))
+    job.model.load_state_dict(ckpt["model"])
+    job.criterion.load_state_dict(ckpt["criterion"])
+    return job.evaluate(), cfg
 

@@ -6,13 +6,13 @@ so a sigmoid loss with an objectness column or a softmax loss get the head they 
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .common import load_weights_file
 
 __all__ = ["CosineClassifier", "SmallCNN", "build_classifier", "load_pretrained"]
 
@@ -105,24 +105,8 @@ def build_classifier(name: str, num_outputs: int, in_channels: int = 3, image_si
 
 
 def load_pretrained(model: nn.Module, path: str) -> None:
-    """Initialise ``model`` from a local state-dict file. Parameters whose shape differs (the
-    classifier head of another class count, typically) are skipped with a warning naming
-    them. Nothing is downloaded."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"pretrained weights file {file} does not exist")
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise ValueError(f"{file}: no parameter matches the model (is it for another "
-                         f"architecture?)")
-    skipped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
-    missing = sorted(k for k in own if k not in usable)
-    if skipped or missing:
-        warnings.warn(f"{file}: skipped {len(skipped)} parameters of another shape "
-                      f"({', '.join(skipped[:4])}{', ...' if len(skipped) > 4 else ''}); "
-                      f"{len(missing)} model entries keep their initialisation", stacklevel=2)
-    model.load_state_dict(usable, strict=False)
+    """Initialise ``model`` from a local state-dict file (see
+    :func:`eqlosses.tasks.common.load_weights_file`: entries of another shape, typically the
+    classifier head of another class count, are skipped with a warning naming them). Nothing
+    is downloaded."""
+    load_weights_file(model, path, prefixes=("module.",))

@@ -32,16 +32,16 @@ warning that lists them.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "Segmenter", "TinyDeepLab", "build_segmenter",
-           "load_state_dict_file"]
+from .common import load_weights_file
+
+__all__ = ["ARCHITECTURES", "Segmenter", "TinyDeepLab", "build_segmenter"]
 
 _RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 _MOBILENETS = ("mobilenet_v3_large", "mobilenet_v3_small")
@@ -309,71 +309,8 @@ def build_segmenter(arch: str, num_channels: int, backbone: Optional[str] = None
     else:
         model = _mobilenet_model(arch, backbone, num_channels, aux_loss)
     if pretrained_backbone is not None:
-        load_state_dict_file(model.backbone, pretrained_backbone,
-                             strip_prefixes=("module.", "backbone.", "features."))
+        load_weights_file(model.backbone, pretrained_backbone,
+                          prefixes=("module.", "backbone.", "features."))
     if pretrained is not None:
-        load_state_dict_file(model, pretrained, strip_prefixes=("module.",))
+        load_weights_file(model, pretrained, prefixes=("module.",))
     return model
-
-
-def _strip(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor],
-           prefixes: Sequence[str]) -> Dict[str, torch.Tensor]:
-    """Drop the first of ``prefixes`` that makes more keys match ``own`` (repeat while it
-    helps): a DDP ``module.``, a whole-model ``backbone.``, a MobileNet ``features.``."""
-    state = dict(state)
-    improved = True
-    while improved:
-        improved = False
-        hits = sum(k in own for k in state)
-        for p in prefixes:
-            cand = {(k[len(p):] if k.startswith(p) else k): v for k, v in state.items()}
-            if sum(k in own for k in cand) > hits:
-                state, improved = cand, True
-                break
-    return state
-
-
-def load_state_dict_file(module: nn.Module, path: str,
-                         strip_prefixes: Sequence[str] = ("module.",)) -> Dict[str, list]:
-    """Load a local state-dict file into ``module``, skipping entries of another shape.
-
-    The file may hold a state dict or ``{"model": state_dict}`` (a training checkpoint);
-    ``strip_prefixes`` are removed from the keys when that makes more of them match. Entries
-    whose shape differs are skipped with a warning listing them; entries of the module that the
-    file lacks are listed in the same warning. Both keep their initialisation. Nothing is
-    downloaded.
-
-    Returns ``{"loaded": [...], "skipped": [...], "missing": [...]}`` (key names).
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist (the message names it).
-        ValueError: no entry of the file matches the module.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"pretrained weights file {file} does not exist")
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{file}: expected a state dict, found {type(state).__name__}")
-    own = module.state_dict()
-    state = _strip(state, own, strip_prefixes)
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise ValueError(f"{file}: no parameter matches the model (is it for another "
-                         f"architecture?)")
-    skipped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
-    missing = sorted(k for k in own if k not in state)
-    if skipped or missing:
-        msg = f"{file}: skipped {len(skipped)} entries of another shape"
-        if skipped:
-            msg += ": " + ", ".join(f"{k} {tuple(state[k].shape)} (model {tuple(own[k].shape)})"
-                                    for k in skipped[:8]) + (", ..." if len(skipped) > 8 else "")
-        msg += f"; {len(missing)} model entries absent from the file"
-        if missing:
-            msg += " (" + ", ".join(missing[:4]) + (", ...)" if len(missing) > 4 else ")")
-        msg += "; these keep their initialisation"
-        warnings.warn(msg, stacklevel=3)
-    module.load_state_dict(usable, strict=False)
-    return {"loaded": sorted(usable), "skipped": skipped, "missing": missing}
