@@ -60,3 +60,41 @@ def test_console_script_help():
     res = subprocess.run([sys.executable, "-m", "eqlosses.cli", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and "demo" in res.stdout
+
+
+def test_detection_and_segmentation_from_the_command_line(tmp_path, capsys):
+    det_root, seg_root = tmp_path / "det", tmp_path / "seg"
+    small = ["--n-max", "8", "--imbalance", "8", "--val-per-class", "1", "--size", "64"]
+    assert main(["data", "make-detection", "--out", str(det_root), *small]) == 2
+    assert "frequent" in capsys.readouterr().err  # the LVIS groups are checked by default
+    assert main(["data", "make-detection", "--out", str(det_root), *small,
+                 "--allow-empty-groups"]) == 0
+    assert (det_root / "annotations" / "lvis_v1_train.json").is_file()
+    assert main(["data", "make-segmentation", "--out", str(seg_root), *small]) == 0
+    assert main(["data", "make-segmentation", "--out", str(seg_root), *small]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+    common = ["--set", f"output_dir={tmp_path / 'runs'}", "--set", "optim.epochs=1", "--set",
+              "progress=false", "--set", "tensorboard=false"]
+    assert main(["train", "det", *common, "--set", f"data.root={det_root}", "--set",
+                 "model.arch=retinanet", "--set", "model.backbone=tiny", "--set",
+                 "model.min_size=64", "--set", "model.max_size=64", "--set", "loss.name=efl",
+                 "--set", "data.max_val_images=4", "--set", "name=efl"]) == 0
+    out = capsys.readouterr().out
+    assert "APr" in out and "rare 1-10" in out
+    html = (tmp_path / "runs" / "efl" / "report.html").read_text()
+    assert "per class ap" in html and "gradient ratio" in html
+    for loss in ("ce", "softmax_eql"):
+        assert main(["train", "seg", *common, "--set", f"data.root={seg_root}", "--set",
+                     "model.arch=tiny_deeplab", "--set", "model.backbone=null", "--set",
+                     "model.options.width=8", "--set", "data.crop_size=48", "--set",
+                     f"loss.name={loss}", "--set", f"name={loss}"]) == 0
+    assert main(["compare", str(tmp_path / "runs" / "ce"), str(tmp_path / "runs" / "softmax_eql"),
+                 "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "tail" in out and "training pixel share" in out
+    assert (tmp_path / "cmp" / "per_class_iou.png").is_file()
+    assert main(["compare", str(tmp_path / "runs" / "ce"), str(tmp_path / "runs" / "efl"),
+                 "--out", str(tmp_path / "cmp2")]) == 2  # different tasks
+    assert main(["eval", "--checkpoint", str(tmp_path / "runs" / "efl" / "checkpoint.pt")]) == 0
+    assert "APr" in capsys.readouterr().out
