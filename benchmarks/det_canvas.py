@@ -9,6 +9,10 @@ image, per-class NMS). Finished runs are reused when the script is run again.
 
     python benchmarks/det_canvas.py --out benchmarks/results/det_canvas
     python benchmarks/det_canvas.py --runs mask_rcnn:sigmoid_eql --epochs 2   # a subset
+
+Runs take 6-20 minutes each on one CPU core (1 thread); independent subsets of ``--runs`` can
+be started in parallel with the same ``--out``, and a last call with every run (the default)
+only collects the finished ones into the table.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ RCNN_OPTIONS = ("model.options.box_batch_size_per_image=128",
 #: arch:loss[:sampler] -- the comparison the issue asks for
 RUNS = ("faster_rcnn:ce", "faster_rcnn:bce", "faster_rcnn:eql", "faster_rcnn:sigmoid_eql",
         "faster_rcnn:seesaw", "faster_rcnn:ce:rfs", "faster_rcnn:sigmoid_eql:rfs",
-        "retinanet:focal", "retinanet:efl")
+        "mask_rcnn:ce", "mask_rcnn:sigmoid_eql", "retinanet:focal", "retinanet:efl")
 COLUMNS = (("AP", "AP"), ("AP50", "AP50"), ("APr", "AP_r"), ("APc", "AP_c"), ("APf", "AP_f"),
            ("segm.AP", "mask AP"), ("segm.APr", "mask AP_r"), ("segm.APc", "mask AP_c"),
            ("segm.APf", "mask AP_f"))
