@@ -356,7 +356,7 @@ def fit(cfg, job: Job, device: torch.device, run_dir: Path, resume: bool = False
                 writer.add_scalar(f"val/{key}", value, state.step)
         return metrics
 
-    metrics: Dict[str, Any] = {}
+    metrics: Optional[Dict[str, Any]] = None  # ({} on ranks > 0 for gathered metrics)
     while state.epoch < cfg.optim.epochs:
         sampler.set_epoch(state.epoch)
         sampler.load_state_dict({"epoch": state.epoch,
@@ -384,7 +384,7 @@ def fit(cfg, job: Job, device: torch.device, run_dir: Path, resume: bool = False
         checkpoint()
         if state.epoch == cfg.optim.epochs or state.epoch % cfg.eval.every_epochs == 0:
             metrics = evaluate()
-    if not metrics:  # resumed a finished run
+    if metrics is None:  # resumed a finished run
         metrics = job.evaluate()
     if state.step % cfg.stats_every:  # the final state, unless the last step recorded it
         recorder.record(state.step, state.epoch, force=True)
