@@ -173,14 +173,19 @@ def load_annotations(path: str | os.PathLike) -> dict:
     [0.0, 1.0, 3.0, 4.0]
     """
     source = str(path)
-    try:
-        with open(path, "rb") as fh:
-            data = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{source}: not a valid JSON file ({e})") from None
+    data = read_json(path)
     validate_annotations(data, source)
     _clip_boxes(data, source)
     return data
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The parsed JSON file; ``ValueError`` naming the file when it is not valid JSON."""
+    try:
+        with open(path, "rb") as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a valid JSON file ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------

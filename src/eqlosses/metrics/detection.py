@@ -35,7 +35,6 @@ The tests compare every number (box and mask AP, each group, each class) with th
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
@@ -45,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.frequency import lvis_groups
-from ..data.lvis import validate_annotations
+from ..data.lvis import read_json, validate_annotations
 from ..distributed import rank, world_size
 
 __all__ = ["LVISEvaluator", "IOU_TYPES"]
@@ -157,11 +156,7 @@ class LVISEvaluator:
         _faster_coco_eval()  # fail early, with the install hint
         if isinstance(gt, (str, os.PathLike)):
             source = str(gt)
-            try:
-                with open(gt, "rb") as fh:
-                    data = json.load(fh)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{source}: not a valid JSON file ({e})") from None
+            data = read_json(gt)
         elif isinstance(gt, Mapping):
             source = "<gt dict>"
             data = copy.deepcopy(dict(gt))

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import distributed
 from ..config import LossConfig, SegmentationConfig
-from ..losses import LongTailLoss, build_loss
+from ..losses import FocalLoss, LongTailLoss, build_loss
 from .common import ensure_canvas
 from .engine import Job, amp_dtype, evaluate_saved, run
 
@@ -96,7 +96,7 @@ def _pixel_rows(logits: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tens
 
 def _loss(criterion: LongTailLoss, logits: torch.Tensor, targets: torch.Tensor
           ) -> torch.Tensor:
-    if criterion.__class__.__name__ == "FocalLoss":  # a sigmoid loss over rows
+    if isinstance(criterion, FocalLoss):  # a sigmoid loss over rows
         return criterion(*_pixel_rows(logits, targets))
     return criterion(logits, targets)
 
