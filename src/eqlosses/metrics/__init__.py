@@ -2,7 +2,9 @@
 faster-coco-eval when it is used)."""
 
 from .classification import ClassificationMetrics
+from .confusion import ConfusionMatrixState
 from .detection import LVISEvaluator
 from .segmentation import SegmentationMetrics
 
-__all__ = ["ClassificationMetrics", "LVISEvaluator", "SegmentationMetrics"]
+__all__ = ["ClassificationMetrics", "ConfusionMatrixState", "LVISEvaluator",
+           "SegmentationMetrics"]

@@ -26,25 +26,28 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 
 from ..data.frequency import FrequencyGroups
-from ..distributed import all_reduce_sum_
+from .confusion import ConfusionMatrixState
 
 __all__ = ["ClassificationMetrics"]
 
 Device = Union[torch.device, str]
 
 
-class ClassificationMetrics:
+class ClassificationMetrics(ConfusionMatrixState):
     """Confusion matrix and top-k accuracy of a ``num_classes``-way classifier.
 
-    States (all int64 sums): ``confusion`` ``[C, C]`` (rows = true class, columns = predicted
-    class, the top-1 prediction) and ``topk_correct`` ``[K]`` (test samples whose true class is
-    among the ``k`` highest scores, for each ``k`` in ``topk``). The sample count is the sum of
-    the confusion matrix.
+    States (all int64 sums, declared on :class:`ConfusionMatrixState`, which also gives
+    :meth:`reset`, :meth:`sync`, :meth:`state_dict` / :meth:`load_state_dict` and
+    :meth:`to`): ``confusion`` ``[C, C]`` (rows = true class, columns = predicted class, the
+    top-1 prediction) and ``topk_correct`` ``[K]`` (test samples whose true class is among the
+    ``k`` highest scores, for each ``k`` in ``topk``). The sample count is the sum of the
+    confusion matrix.
 
     Evaluation with several processes: each rank calls :meth:`update` on its shard (with
     ``valid`` marking the padded duplicate samples that a distributed sampler adds as False),
-    then every rank calls :meth:`sync` once, after which :meth:`compute` gives the same result on
-    every rank, equal to one process evaluating the whole test set.
+    then every rank calls :meth:`sync` once (ONE all-reduce of both states, packed), after
+    which :meth:`compute` gives the same result on every rank, equal to one process evaluating
+    the whole test set.
 
     Args:
         num_classes: number of classes ``C``.
@@ -63,43 +66,29 @@ class ClassificationMetrics:
         (0.6666666666666666, 1.0, [1.0, 1.0, 0.0])
         >>> r["confusion_matrix"]
         [[1, 0, 0], [0, 1, 0], [1, 0, 0]]
+        >>> m.state_names
+        ['confusion', 'topk_correct']
     """
 
     def __init__(self, num_classes: int, topk: Sequence[int] = (1, 5), *,
                  device: Optional[Device] = None) -> None:
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        super().__init__(num_classes, ignore_index=None, device=device)
         ks = tuple(topk)
         if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
             raise ValueError(f"topk must be a non-empty sequence of positive ints, got {topk!r}")
         if len(set(ks)) != len(ks):
             raise ValueError(f"topk must not repeat a k, got {topk!r}")
-        self.num_classes = num_classes
         self.topk = ks
-        self._follow_inputs = device is None
-        dev = torch.device("cpu" if device is None else device)
-        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=dev)
-        self.topk_correct = torch.zeros(len(ks), dtype=torch.int64, device=dev)
-        self._synced = False
+        self.add_state("topk_correct", torch.zeros(len(ks), dtype=torch.int64))
 
     def __repr__(self) -> str:
         return (f"ClassificationMetrics(num_classes={self.num_classes}, topk={self.topk}, "
                 f"num_samples={self.num_samples})")
 
     @property
-    def device(self) -> torch.device:
-        return self.confusion.device
-
-    @property
     def num_samples(self) -> int:
         """Number of test samples counted so far."""
         return int(self.confusion.sum())
-
-    def reset(self) -> None:
-        """Zero every state (start a new evaluation)."""
-        self.confusion.zero_()
-        self.topk_correct.zero_()
-        self._synced = False
 
     @torch.no_grad()
     def update(self, scores: torch.Tensor, targets: torch.Tensor,
@@ -114,58 +103,21 @@ class ClassificationMetrics:
             valid: optional ``[N]`` bool mask; rows where it is False are not counted (e.g. the
                 duplicate samples a ``DistributedSampler`` pads the last shard with).
         """
-        if self._synced:
-            raise RuntimeError("ClassificationMetrics.update() after sync(): the states already "
-                               "hold the totals of all processes; call reset() first")
+        self._check_not_synced()
         if scores.dim() != 2 or scores.shape[1] != self.num_classes:
             raise ValueError(f"scores must have shape [N, {self.num_classes}], got "
                              f"{tuple(scores.shape)}")
         if targets.dim() != 1 or targets.shape[0] != scores.shape[0]:
             raise ValueError(f"targets must have shape [{scores.shape[0]}] (one per row of "
                              f"scores), got {tuple(targets.shape)}")
-        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-            raise ValueError(f"targets must be integer class indices, got dtype {targets.dtype}")
-        keep = targets >= 0
-        if valid is not None:
-            if valid.dtype != torch.bool or valid.shape != targets.shape:
-                raise ValueError(f"valid must be a bool mask of shape {tuple(targets.shape)}, "
-                                 f"got dtype {valid.dtype} and shape {tuple(valid.shape)}")
-            keep = keep & valid.to(keep.device)
-        if self._follow_inputs and scores.device != self.device:
-            self.confusion = self.confusion.to(scores.device)
-            self.topk_correct = self.topk_correct.to(scores.device)
-        scores = scores.detach()[keep.to(scores.device)].to(self.device)
-        t = targets[keep.to(targets.device)].to(device=self.device, dtype=torch.int64)
-        if t.numel() == 0:
-            return
-        top = int(t.max())
-        if top >= self.num_classes:
-            raise ValueError(f"targets must be in [0, {self.num_classes}) or negative (ignored), "
-                             f"found {top}")
         kmax = min(max(self.topk), self.num_classes)
-        ranked = scores.topk(kmax, dim=1).indices  # [n, kmax], best first
-        pred = ranked[:, 0]
-        c = self.num_classes
-        self.confusion += torch.bincount(t * c + pred, minlength=c * c).view(c, c)
-        hits = ranked == t[:, None]
+        ranked = scores.detach().topk(kmax, dim=1).indices  # [N, kmax], best first
+        keep = self._count(ranked[:, 0], targets, valid)  # the confusion matrix (top-1)
+        if not bool(keep.any()):
+            return
+        hits = ranked.to(self.device)[keep] == targets.to(self.device)[keep][:, None]
         for i, k in enumerate(self.topk):
             self.topk_correct[i] += hits[:, :k].any(dim=1).sum()
-
-    def sync(self) -> None:
-        """Sum the states over all processes: ONE all-reduce of one packed int64 tensor.
-
-        Collective: call it on every rank, once, after the last :meth:`update`. Without a
-        process group (or with one process) it communicates nothing. A second call before
-        :meth:`reset` is a no-op (the states already hold the totals).
-        """
-        if self._synced:
-            return
-        packed = torch.cat([self.confusion.reshape(-1), self.topk_correct])
-        all_reduce_sum_(packed)
-        c2 = self.num_classes * self.num_classes
-        self.confusion.copy_(packed[:c2].view_as(self.confusion))
-        self.topk_correct.copy_(packed[c2:])
-        self._synced = True
 
     def compute(self, groups: Optional[FrequencyGroups] = None) -> Dict[str, Any]:
         """The metrics as a JSON-serialisable dict (Python floats, ints and lists).

@@ -31,16 +31,18 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from ..data.frequency import FrequencyGroups
-from ..distributed import all_reduce_sum_
+from .confusion import ConfusionMatrixState
 
 __all__ = ["SegmentationMetrics"]
 
 Device = Union[torch.device, str]
 
 
-class SegmentationMetrics:
+class SegmentationMetrics(ConfusionMatrixState):
     """Pixel confusion matrix of a ``num_classes``-way segmenter, and mIoU from it.
 
+    The one state, ``confusion``, and :meth:`reset`, :meth:`sync`, :meth:`state_dict` /
+    :meth:`load_state_dict` and :meth:`to` come from :class:`ConfusionMatrixState`.
     Distributed evaluation: each rank calls :meth:`update` on its images, then every rank
     calls :meth:`sync` once (one all-reduce), after which :meth:`compute` gives on every rank
     the result of one process evaluating all images.
@@ -64,46 +66,16 @@ class SegmentationMetrics:
 
     def __init__(self, num_classes: int, ignore_index: int = 255, *,
                  device: Optional[Device] = None) -> None:
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if 0 <= ignore_index < num_classes:
-            raise ValueError(f"ignore_index must lie outside the classes [0, {num_classes}), "
-                             f"got {ignore_index}")
-        self.num_classes = num_classes
-        self.ignore_index = int(ignore_index)
-        self._follow_inputs = device is None
-        dev = torch.device("cpu" if device is None else device)
-        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=dev)
-        self._synced = False
+        super().__init__(num_classes, ignore_index=int(ignore_index), device=device)
 
     def __repr__(self) -> str:
         return (f"SegmentationMetrics(num_classes={self.num_classes}, ignore_index="
                 f"{self.ignore_index}, num_pixels={self.num_pixels})")
 
     @property
-    def device(self) -> torch.device:
-        return self.confusion.device
-
-    @property
     def num_pixels(self) -> int:
         """Labelled pixels counted so far."""
         return int(self.confusion.sum())
-
-    def reset(self) -> None:
-        """Zero the confusion matrix (start a new evaluation)."""
-        self.confusion.zero_()
-        self._synced = False
-
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return {"confusion": self.confusion.clone()}
-
-    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        conf = torch.as_tensor(state["confusion"])
-        if conf.shape != self.confusion.shape:
-            raise ValueError(f"confusion must have shape {tuple(self.confusion.shape)}, got "
-                             f"{tuple(conf.shape)}")
-        self.confusion.copy_(conf)
-        self._synced = False
 
     @torch.no_grad()
     def update(self, preds: torch.Tensor, targets: torch.Tensor) -> None:
@@ -114,9 +86,7 @@ class SegmentationMetrics:
                 scores (the prediction is the arg-max over ``C``).
             targets: ``[B, H, W]`` integer labels in ``[0, C)`` or ``ignore_index``.
         """
-        if self._synced:
-            raise RuntimeError("SegmentationMetrics.update() after sync(): the matrix already "
-                               "holds the totals of all processes; call reset() first")
+        self._check_not_synced()
         if targets.dim() != 3 or targets.is_floating_point() or targets.is_complex() \
                 or targets.dtype == torch.bool:
             raise ValueError(f"targets must be integer labels of shape [B, H, W], got dtype "
@@ -133,35 +103,7 @@ class SegmentationMetrics:
         if preds.shape != targets.shape:
             raise ValueError(f"preds {tuple(preds.shape)} and targets {tuple(targets.shape)} "
                              f"must have the same [B, H, W]")
-        if self._follow_inputs and preds.device != self.device:
-            self.confusion = self.confusion.to(preds.device)
-        t = targets.to(device=self.device, dtype=torch.int64).reshape(-1)
-        p = preds.to(device=self.device, dtype=torch.int64).reshape(-1)
-        keep = t != self.ignore_index
-        t, p = t[keep], p[keep]
-        if t.numel() == 0:
-            return
-        c = self.num_classes
-        bad_t = (t < 0) | (t >= c)
-        if bool(bad_t.any()):
-            raise ValueError(f"targets must be in [0, {c}) or ignore_index="
-                             f"{self.ignore_index}, found {torch.unique(t[bad_t])[:10].tolist()}")
-        bad_p = (p < 0) | (p >= c)
-        if bool(bad_p.any()):
-            raise ValueError(f"predicted classes must be in [0, {c}), found "
-                             f"{torch.unique(p[bad_p])[:10].tolist()}")
-        self.confusion += torch.bincount(t * c + p, minlength=c * c).view(c, c)
-
-    def sync(self) -> None:
-        """Sum the confusion matrix over all processes: exactly ONE all-reduce.
-
-        Collective: call it on every rank, once, after the last :meth:`update`. Without a
-        process group it communicates nothing; a second call before :meth:`reset` is a no-op.
-        """
-        if self._synced:
-            return
-        all_reduce_sum_(self.confusion)
-        self._synced = True
+        self._count(preds, targets)
 
     def compute(self, pixel_share: Optional[torch.Tensor] = None, head_above: float = 0.01,
                 tail_below: float = 0.001, groups: Optional[FrequencyGroups] = None
