@@ -4,10 +4,11 @@ The core (this package's ``stats``, ``functional``, ``losses`` and ``distributed
 depends on torch alone.
 """
 
-from .losses import (LOSSES, BalancedSoftmaxLoss, BCELoss, CrossEntropyLoss, EQLLoss,
-                     EQLSoftmaxLoss, EqualizedFocalLoss, EqualizedQualityFocalLoss,
-                     FederatedLoss, FocalLoss, SeesawLoss, SigmoidEQLLoss, SoftmaxEQLLoss,
-                     build_loss)
+from .losses import (LOSSES, BalancedSoftmaxLoss, BCELoss, ClassStatistics, CrossEntropyLoss,
+                     EQLLoss, EQLSoftmaxLoss, EqualizedFocalLoss, EqualizedQualityFocalLoss,
+                     FederatedLoss, FocalLoss, LossTraits, SeesawLoss, SigmoidEQLLoss,
+                     SoftmaxEQLLoss, build_loss, build_loss_for, check_fits, losses_for,
+                     register_loss)
 from .stats import GradientStatistics
 
 __version__ = "0.1.0"
@@ -16,5 +17,6 @@ __all__ = [
     "BCELoss", "BalancedSoftmaxLoss", "CrossEntropyLoss", "EQLLoss", "EQLSoftmaxLoss",
     "EqualizedFocalLoss", "EqualizedQualityFocalLoss", "FederatedLoss", "FocalLoss",
     "GradientStatistics", "LOSSES", "SeesawLoss", "SigmoidEQLLoss", "SoftmaxEQLLoss",
-    "build_loss", "__version__",
+    "build_loss", "build_loss_for", "check_fits", "losses_for", "register_loss", "LossTraits",
+    "ClassStatistics", "__version__",
 ]

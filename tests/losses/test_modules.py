@@ -76,7 +76,7 @@ def test_closed_form_statistics_equal_autograd_split_by_target(kind):
     torch.testing.assert_close(crit.stats.neg_grad - before[1], neg)
 
 
-@pytest.mark.parametrize("kind", list(STATEFUL))
+@pytest.mark.parametrize("kind", ["sigmoid_eql", "efl", "eqfl"])
 def test_module_and_functional_forms_agree(kind):
     crit = STATEFUL[kind]()
     _train(kind, crit, 3)
@@ -86,13 +86,49 @@ def test_module_and_functional_forms_agree(kind):
         f = sigmoid_eql_loss(z, t, stats.ratio(100.0))
     elif kind == "efl":
         f = equalized_focal_loss(z, t, stats.ratio(1.0).clamp(0, 1))
-    elif kind == "eqfl":
+    else:
         f = equalized_quality_focal_loss(z, t, torch.linspace(0.3, 0.9, t.numel(),
                                                               dtype=z.dtype),
                                          stats.ratio(1.0).clamp(0, 1))
-    else:
-        f = softmax_eql_loss(z, t, stats.pos_grad)
     torch.testing.assert_close(_call(kind, crit, z, t), f)
+
+
+@pytest.mark.parametrize("indicator", ["pos", "neg"])
+@pytest.mark.parametrize("layout", ["rows", "pixels"])
+def test_softmax_eql_module_equals_functional_with_its_state(indicator, layout):
+    """The module's loss and gradient are the functional loss at the indicator the module
+    held before the step (tau and the indicator choice passed through), and its statistics
+    grow by the functional loss's |d loss / d z|, split into the target class (positive) and
+    the others (negative), ignored pixels excluded."""
+    crit = SoftmaxEQLLoss(C, tau=1.5, indicator=indicator, ignore_index=255)
+    g = torch.Generator().manual_seed(5)
+    shape = (24,) if layout == "rows" else (2, 3, 4)
+    for step in range(4):
+        z = (torch.randn(shape[0], C, *shape[1:], generator=g, dtype=torch.float64) * 2)
+        t = torch.multinomial(torch.arange(1, C + 1, dtype=torch.float64) ** -1.5,
+                              int(torch.tensor(shape).prod()), replacement=True,
+                              generator=g).view(shape)
+        t.view(-1)[::7] = 255
+        before = crit.stats.pos_grad.clone(), crit.stats.neg_grad.clone()
+        state = before[0] if indicator == "pos" else before[1]
+        z_module, z_func = z.clone().requires_grad_(), z.clone().requires_grad_()
+        module_loss = crit(z_module, t)
+        module_loss.backward()
+        func_loss = softmax_eql_loss(z_func, t, state, tau=1.5, ignore_index=255)
+        func_loss.backward()
+        torch.testing.assert_close(module_loss, func_loss)
+        torch.testing.assert_close(z_module.grad, z_func.grad)
+        grad = z_func.grad.abs().movedim(1, -1).reshape(-1, C)  # rows of |d loss / d z|
+        rows_t = t.reshape(-1)
+        valid = rows_t != 255
+        onehot = torch.nn.functional.one_hot(rows_t.clamp(max=C - 1), C).to(grad.dtype)
+        onehot = onehot * valid[:, None]
+        torch.testing.assert_close(crit.stats.pos_grad - before[0], (grad * onehot).sum(0))
+        torch.testing.assert_close(crit.stats.neg_grad - before[1],
+                                   (grad * (1 - onehot) * valid[:, None]).sum(0))
+        if step:  # a state that is not all zeros: the margins matter from step 1 on
+            assert not torch.allclose(func_loss, torch.nn.functional.cross_entropy(
+                z, t, ignore_index=255))
 
 
 @pytest.mark.parametrize("kind", list(STATEFUL))
@@ -261,7 +297,7 @@ def test_every_registered_loss_builds_and_runs():
         assert crit.scores(z.detach()).shape == (8, C), name
     with pytest.raises(ValueError, match="unknown loss 'eqlv3'"):
         build_loss("eqlv3", C)
-    with pytest.raises(ValueError, match="bad arguments"):
+    with pytest.raises(ValueError, match="takes no argument .taus.; its arguments: eps"):
         build_loss("softmax_eql", C, taus=1.0)
 
 

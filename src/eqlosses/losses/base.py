@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
 from ..functional._common import check_device, check_reduction
 from ..stats import GradientStatistics
+from .contract import LossTraits
 
 
 def _warn_if_no_tail(class_frequency: torch.Tensor, lambda_: float) -> None:
@@ -40,12 +41,17 @@ class SigmoidScores:
 class LongTailLoss(nn.Module):
     """Base class: conventions, channel count and test-time scores of a loss.
 
-    Subclasses set :attr:`num_channels` (logit channels the model must produce for
-    ``num_classes`` classes) and implement :meth:`scores` (logits -> ``[N, C, *]`` foreground
-    class scores) and ``forward``.
+    Subclasses declare :attr:`traits` (what a host needs to know, see
+    :mod:`eqlosses.losses.contract`), set :attr:`num_channels` (logit channels the model must
+    produce for ``num_classes`` classes), store their hyper-parameters with
+    :meth:`_set_hparams` (checked against ``traits.params`` and shown by ``repr``) and
+    implement :meth:`scores` (logits -> ``[N, C, *]`` foreground class scores) and
+    ``forward``.
     """
 
-    #: Whether the loss needs a trailing background/objectness column or columns.
+    #: what a host needs to know about the loss (declared by every concrete loss)
+    traits: LossTraits
+    #: logit channels the model must produce: ``num_classes`` plus background column(s)
     num_channels: int
 
     def __init__(self, num_classes: int, ignore_index: int = -100, reduction: str = "mean"):
@@ -53,9 +59,23 @@ class LongTailLoss(nn.Module):
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         check_reduction(reduction)
+        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+            raise ValueError(f"{type(self).__name__}: ignore_index must be an integer, got "
+                             f"{ignore_index!r}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.reduction = reduction
+        self._hparam_names: tuple = ()
+
+    def _set_hparams(self, **values: Any) -> None:
+        """Check hyper-parameters against ``traits.params`` (a ``ValueError`` naming the
+        parameter, the expected and the given value) and store them as attributes."""
+        params = type(self).traits.params
+        for name, value in values.items():
+            if name in params:
+                value = params[name].check(name, value, type(self).__name__)
+            setattr(self, name, value)
+        self._hparam_names = tuple(self._hparam_names) + tuple(values)
 
     @property
     def updates_state(self) -> bool:
@@ -70,7 +90,19 @@ class LongTailLoss(nn.Module):
         return {}
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, reduction={self.reduction!r}"
+        """``num_classes``, the hyper-parameters, ``ignore_index`` and ``reduction``.
+
+        >>> from eqlosses import SoftmaxEQLLoss
+        >>> SoftmaxEQLLoss(10, tau=2)
+        SoftmaxEQLLoss(
+          num_classes=10, tau=2.0, eps=0.0001, indicator='pos', ignore_index=-100, reduction='mean'
+          (stats): GradientStatistics(num_classes=10, dtype=torch.float64)
+        )
+        """
+        parts = [f"num_classes={self.num_classes}"]
+        parts += [f"{name}={getattr(self, name)!r}" for name in self._hparam_names]
+        parts += [f"ignore_index={self.ignore_index}", f"reduction={self.reduction!r}"]
+        return ", ".join(parts)
 
 
 class GradientDrivenLoss(LongTailLoss):

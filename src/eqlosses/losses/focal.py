@@ -9,6 +9,7 @@ import torch
 from ..functional.focal import _check_focal_inputs, _equalized_focal, _focal, efl_gamma
 from ..stats import GradientStatistics
 from .base import GradientDrivenLoss, LongTailLoss, SigmoidScores
+from .contract import REDUCTION, LossTraits, Param
 
 Normalizer = Union[None, float, torch.Tensor]
 
@@ -26,10 +27,16 @@ class FocalLoss(SigmoidScores, LongTailLoss):
         tensor(0.1733)
     """
 
+    traits = LossTraits(
+        activation="sigmoid", backgrounds={"index": {}}, heads=("dense", "cls", "seg"),
+        params={"gamma": Param(float, low=0), "alpha": Param(float, low=0, high=1, optional=True),
+                "reduction": REDUCTION},
+        normalizer=True, pixels="rows")
+
     def __init__(self, num_classes: int, gamma: float = 2.0, alpha: Optional[float] = 0.25,
                  ignore_index: int = -100, reduction: str = "mean"):
         super().__init__(num_classes, ignore_index, reduction)
-        self.gamma, self.alpha = gamma, alpha
+        self._set_hparams(gamma=gamma, alpha=alpha)
         self.num_channels = num_classes
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
@@ -70,17 +77,26 @@ class EqualizedFocalLoss(SigmoidScores, GradientDrivenLoss):
     """
 
     _quality = False
+    traits = LossTraits(
+        activation="sigmoid", backgrounds={"index": {}}, heads=("dense", "cls"),
+        params={"focal_gamma": Param(float, low=0, low_open=True,
+                                     doc="gamma_b; > 0 since it divides the weighting factor"),
+                "scale_factor": Param(float, low=0),
+                "alpha": Param(float, low=0, high=1, optional=True),
+                "init_ratio": Param(float, low=0), "reduction": REDUCTION},
+        normalizer=True, gradient_statistics=True)
 
     def __init__(self, num_classes: int, focal_gamma: float = 2.0, scale_factor: float = 8.0,
                  alpha: Optional[float] = 0.25, init_ratio: float = 1.0,
                  ignore_index: int = -100, reduction: str = "mean",
                  stats: Optional[GradientStatistics] = None):
         super().__init__(num_classes, ignore_index, reduction, stats)
-        if focal_gamma <= 0:
-            raise ValueError(f"focal_gamma must be > 0 (it divides the weighting factor), "
-                             f"got {focal_gamma}")
-        self.focal_gamma, self.scale_factor, self.alpha = focal_gamma, scale_factor, alpha
-        self.init_ratio = init_ratio
+        hparams = dict(focal_gamma=focal_gamma, scale_factor=scale_factor, alpha=alpha,
+                       init_ratio=init_ratio)
+        if self._quality:  # EQFL has no alpha
+            del hparams["alpha"]
+            self.alpha = None
+        self._set_hparams(**hparams)
         self.num_channels = num_classes
 
     def _ratio(self) -> torch.Tensor:
@@ -125,6 +141,10 @@ class EqualizedQualityFocalLoss(EqualizedFocalLoss):
     """
 
     _quality = True
+    traits = LossTraits(
+        activation="sigmoid", backgrounds={"index": {}}, heads=("dense",),
+        params={k: v for k, v in EqualizedFocalLoss.traits.params.items() if k != "alpha"},
+        normalizer=True, quality=True, gradient_statistics=True)
 
     def __init__(self, num_classes: int, focal_gamma: float = 2.0, scale_factor: float = 8.0,
                  init_ratio: float = 1.0, ignore_index: int = -100, reduction: str = "mean",

@@ -9,6 +9,7 @@ from ..functional._common import check_device, check_targets
 from ..functional.softmax import _seesaw
 from ..stats import apply_keeping_dtype
 from .base import LongTailLoss
+from .contract import LossTraits, Param
 
 
 class SeesawLoss(LongTailLoss):
@@ -37,10 +38,16 @@ class SeesawLoss(LongTailLoss):
         tensor([1., 0., 1.], dtype=torch.float64)
     """
 
+    traits = LossTraits(
+        activation="softmax", backgrounds={"two_columns": {}}, heads=("roi",),
+        params={"p": Param(float, low=0), "q": Param(float, low=0),
+                "eps": Param(float, low=0, low_open=True)},
+        normalizer=True)
+
     def __init__(self, num_classes: int, p: float = 0.8, q: float = 2.0, eps: float = 1e-2,
                  ignore_index: int = -100):
         super().__init__(num_classes, ignore_index, "mean")
-        self.p, self.q, self.eps = p, q, eps
+        self._set_hparams(p=p, q=q, eps=eps)
         self.num_channels = num_classes + 2
         self.register_buffer("cum_samples", torch.zeros(num_classes + 1, dtype=torch.float64))
 

@@ -10,6 +10,7 @@ from ..functional.sigmoid import (_weighted_bce, eql_loss, federated_loss,
                                   sample_federated_classes)
 from ..functional._common import check_logits, check_reduction, check_targets
 from .base import LongTailLoss, SigmoidScores, _warn_if_no_tail, class_vector
+from .contract import REDUCTION, LossTraits, Param
 
 
 class EQLLoss(SigmoidScores, LongTailLoss):
@@ -27,12 +28,18 @@ class EQLLoss(SigmoidScores, LongTailLoss):
         tensor(0.6931)
     """
 
+    traits = LossTraits(
+        activation="sigmoid", backgrounds={"index": {}}, heads=("roi", "dense", "cls"),
+        params={"lambda_": Param(float, low=0, high=1, low_open=True),
+                "reduction": REDUCTION},
+        statistics={"class_frequency": "frequency"})
+
     def __init__(self, num_classes: int, class_frequency: torch.Tensor, lambda_: float = 0.0011,
                  ignore_index: int = -100, reduction: str = "mean"):
         super().__init__(num_classes, ignore_index, reduction)
         self.register_buffer("class_frequency",
                              class_vector(class_frequency, num_classes, "class_frequency"))
-        self.lambda_ = lambda_
+        self._set_hparams(lambda_=lambda_)
         self.num_channels = num_classes
         _warn_if_no_tail(self.class_frequency, lambda_)
 
@@ -58,13 +65,20 @@ class FederatedLoss(SigmoidScores, LongTailLoss):
         tensor(2.0794)
     """
 
+    traits = LossTraits(
+        activation="sigmoid", backgrounds={"index": {}}, heads=("roi", "dense", "cls"),
+        params={"num_sampled": Param(int, low=1), "power": Param(float, low=0),
+                "reduction": REDUCTION},
+        statistics={"class_image_counts": "counts"}, stochastic=True)
+
     def __init__(self, num_classes: int, class_image_counts: torch.Tensor,
                  num_sampled: int = 50, power: float = 0.5, ignore_index: int = -100,
                  reduction: str = "mean", generator: Optional[torch.Generator] = None):
         super().__init__(num_classes, ignore_index, reduction)
+        self._set_hparams(num_sampled=num_sampled, power=power)
         counts = class_vector(class_image_counts, num_classes, "class_image_counts")
-        self.register_buffer("sampling_weight", counts.clamp(min=0).pow(power))
-        self.num_sampled, self.power, self.generator = num_sampled, power, generator
+        self.register_buffer("sampling_weight", counts.clamp(min=0).pow(self.power))
+        self.generator = generator
         self.num_channels = num_classes
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -89,10 +103,16 @@ class BCELoss(SigmoidScores, LongTailLoss):
         tensor(1.3863)
     """
 
+    traits = LossTraits(
+        activation="sigmoid",
+        backgrounds={"index": {"objectness": False}, "column": {"objectness": True}},
+        heads=("cls", "roi", "dense"),
+        params={"objectness": Param(bool), "reduction": REDUCTION})
+
     def __init__(self, num_classes: int, objectness: bool = False, ignore_index: int = -100,
                  reduction: str = "mean"):
         super().__init__(num_classes, ignore_index, reduction)
-        self.objectness = objectness
+        self._set_hparams(objectness=objectness)
         self.num_channels = num_classes + 1 if objectness else num_classes
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

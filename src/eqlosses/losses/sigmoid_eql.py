@@ -9,6 +9,7 @@ import torch
 from ..functional.sigmoid import _sigmoid_eql, sigmoid_eql_weights
 from ..stats import GradientStatistics
 from .base import GradientDrivenLoss
+from .contract import REDUCTION, LossTraits, Param
 
 
 class SigmoidEQLLoss(GradientDrivenLoss):
@@ -50,13 +51,22 @@ class SigmoidEQLLoss(GradientDrivenLoss):
         tensor([0.5000, 0.5000, 0.0000], dtype=torch.float64)
     """
 
+    traits = LossTraits(
+        activation="sigmoid",
+        backgrounds={"column": {"objectness": True}, "index": {"objectness": False}},
+        heads=("roi", "cls"),
+        params={"gamma": Param(float, low=0), "mu": Param(float, low=0),
+                "alpha": Param(float, low=0), "init_ratio": Param(float, low=0),
+                "objectness": Param(bool), "reduction": REDUCTION},
+        gradient_statistics=True)
+
     def __init__(self, num_classes: int, gamma: float = 12.0, mu: float = 0.8,
                  alpha: float = 4.0, init_ratio: float = 100.0, ignore_index: int = -100,
                  reduction: str = "mean", stats: Optional[GradientStatistics] = None,
                  objectness: bool = True):
         super().__init__(num_classes, ignore_index, reduction, stats)
-        self.gamma, self.mu, self.alpha, self.init_ratio = gamma, mu, alpha, init_ratio
-        self.objectness = objectness
+        self._set_hparams(gamma=gamma, mu=mu, alpha=alpha, init_ratio=init_ratio,
+                          objectness=objectness)
         self.num_channels = num_classes + 1 if objectness else num_classes
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from ..functional.softmax import (_adjusted_cross_entropy, _check_softmax_inputs
                                   softmax_eql_adjustment)
 from ..stats import GradientStatistics
 from .base import GradientDrivenLoss, LongTailLoss, _warn_if_no_tail, class_vector
+from .contract import REDUCTION, LossTraits, Param
 
 INDICATORS = ("pos", "neg")
 
@@ -49,13 +50,17 @@ class SoftmaxEQLLoss(_SoftmaxScores, GradientDrivenLoss):
         tensor([-0.4055, -9.2103, -9.2103], dtype=torch.float64)
     """
 
+    traits = LossTraits(
+        activation="softmax", backgrounds={"none": {}}, heads=("cls", "seg"),
+        params={"tau": Param(float, low=0), "eps": Param(float, low=0, low_open=True),
+                "indicator": Param(str, choices=INDICATORS), "reduction": REDUCTION},
+        pixels="native", gradient_statistics=True)
+
     def __init__(self, num_classes: int, tau: float = 1.0, eps: float = 1e-4,
                  indicator: str = "pos", ignore_index: int = -100, reduction: str = "mean",
                  stats: Optional[GradientStatistics] = None):
         super().__init__(num_classes, ignore_index, reduction, stats)
-        if indicator not in INDICATORS:
-            raise ValueError(f"indicator must be one of {INDICATORS}, got {indicator!r}")
-        self.tau, self.eps, self.indicator = tau, eps, indicator
+        self._set_hparams(tau=tau, eps=eps, indicator=indicator)
         self.num_channels = num_classes
 
     def _indicator(self) -> torch.Tensor:
@@ -89,11 +94,16 @@ class BalancedSoftmaxLoss(_SoftmaxScores, LongTailLoss):
         tensor(1.3863)
     """
 
+    traits = LossTraits(
+        activation="softmax", backgrounds={"none": {}}, heads=("cls", "seg"),
+        params={"tau": Param(float, low=0), "reduction": REDUCTION},
+        statistics={"class_counts": "counts"}, pixels="native")
+
     def __init__(self, num_classes: int, class_counts: torch.Tensor, tau: float = 1.0,
                  ignore_index: int = -100, reduction: str = "mean"):
         super().__init__(num_classes, ignore_index, reduction)
         counts = class_vector(class_counts, num_classes, "class_counts")
-        self.tau = tau
+        self._set_hparams(tau=tau)
         self.num_channels = num_classes
         self.register_buffer("adjustment", balanced_softmax_adjustment(counts, tau))
 
@@ -118,10 +128,16 @@ class CrossEntropyLoss(_SoftmaxScores, LongTailLoss):
         tensor(0.6931)
     """
 
+    traits = LossTraits(
+        activation="softmax",
+        backgrounds={"none": {"background": False}, "column": {"background": True}},
+        heads=("cls", "seg", "roi"),
+        params={"background": Param(bool), "reduction": REDUCTION}, pixels="native")
+
     def __init__(self, num_classes: int, background: bool = False, ignore_index: int = -100,
                  reduction: str = "mean"):
         super().__init__(num_classes, ignore_index, reduction)
-        self.background = background
+        self._set_hparams(background=background)
         self.num_channels = num_classes + 1 if background else num_classes
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -147,14 +163,24 @@ class EQLSoftmaxLoss(_SoftmaxScores, LongTailLoss):
         tensor(0.)
     """
 
+    traits = LossTraits(
+        activation="softmax",
+        backgrounds={"none": {"background": False}, "column": {"background": True}},
+        heads=("cls", "roi"),
+        params={"lambda_": Param(float, low=0, high=1, low_open=True),
+                "gamma": Param(float, low=0, high=1, doc="probability of dropping a rare "
+                                                        "class from a row's denominator"),
+                "background": Param(bool), "reduction": REDUCTION},
+        statistics={"class_frequency": "frequency"}, stochastic=True)
+
     def __init__(self, num_classes: int, class_frequency: torch.Tensor, lambda_: float = 0.0011,
                  gamma: float = 0.9, background: bool = False, ignore_index: int = -100,
                  reduction: str = "mean", generator: Optional[torch.Generator] = None):
         super().__init__(num_classes, ignore_index, reduction)
         freq = class_vector(class_frequency, num_classes, "class_frequency")
         self.register_buffer("class_frequency", freq)
-        self.lambda_, self.gamma, self.background, self.generator = (lambda_, gamma, background,
-                                                                     generator)
+        self._set_hparams(lambda_=lambda_, gamma=gamma, background=background)
+        self.generator = generator
         self.num_channels = num_classes + 1 if background else num_classes
         _warn_if_no_tail(freq, lambda_)
 
