@@ -8,6 +8,7 @@ import torch
 from eqlosses.data import ArrayImageDataset, ImageListDataset, image_folder, load_embedded
 
 
+@pytest.mark.slow  # a fresh interpreter: seconds
 def test_core_import_does_not_load_pil_or_torchvision():
     code = ("import sys, eqlosses.data; "
             "print(sorted(m for m in ('PIL', 'torchvision') if m in sys.modules))")

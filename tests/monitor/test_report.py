@@ -11,7 +11,7 @@ import torch
 
 from eqlosses.data.frequency import many_medium_few_groups
 from eqlosses.metrics import ClassificationMetrics
-from eqlosses.monitor import write_html_report
+from eqlosses.monitor import ReportImage, write_html_report
 
 COUNTS = torch.tensor([500, 150, 60, 30, 10, 3])  # many: 0, 1; medium: 2, 3; few: 4, 5
 
@@ -136,9 +136,48 @@ def test_report_embeds_a_real_figure(tmp_path, runs):
     pytest.importorskip("matplotlib")
     from eqlosses.monitor import plot_per_class_accuracy
 
-    png = plot_per_class_accuracy({r["name"]: r["metrics"]["per_class_accuracy"] for r in runs},
-                                  COUNTS, tmp_path / "per_class_accuracy.png")
+    png = tmp_path / "per_class_accuracy.png"
+    plot_per_class_accuracy({r["name"]: r["metrics"]["per_class_accuracy"] for r in runs},
+                            COUNTS, png)
     text = write_html_report(tmp_path / "r.html", "t", runs, [png]).read_text()
     uri = re.findall(r'<img src="data:image/png;base64,([^"]+)"', text)
     assert len(uri) == 1 and base64.b64decode(uri[0]) == png.read_bytes()
     assert "<script" not in text.lower()  # the run name with <script> stays escaped
+
+
+def test_figures_have_titles_and_captions(tmp_path, runs):
+    img = tiny_png(tmp_path / "gradient_ratio.png")
+    text = write_html_report(tmp_path / "r.html", "t", runs, [
+        ReportImage(img, "Gradient ratio per class", "Bars far below 1 are <suppressed>.")
+    ]).read_text()
+    assert ('<figcaption><b>Gradient ratio per class.</b> Bars far below 1 are '
+            '&lt;suppressed&gt;.</figcaption>') in text
+    assert 'alt="Gradient ratio per class"' in text
+    assert "gradient ratio</figcaption>" not in text  # not the file name
+
+
+def test_status_missing_settings_configs_and_the_ratio_explained(tmp_path, runs):
+    settings = {"CE baseline": {"loss": "ce", "optim.lr": 0.1, "seed": 0},
+                runs[1]["name"]: {"loss": "softmax_eql", "optim.lr": 0.1, "seed": 0}}
+    text = write_html_report(
+        tmp_path / "r.html", "t", runs, [], notes="a  b\n  c",
+        status="This run has not finished.", missing=["No <stats> recorded."],
+        results_note="From the last evaluation.", settings=settings,
+        configs={"CE baseline": "optim:\n  lr: 0.1\n"}, explain_ratio=True).read_text()
+    assert '<p class="status">This run has not finished.</p>' in text
+    assert "<li>No &lt;stats&gt; recorded.</li>" in text
+    assert '<p class="meta">From the last evaluation.</p>' in text
+    rows = dict(re.findall(r"<tr><th>([^<]*)</th>(.*?)</tr>", text))
+    assert rows["loss"] == '<td class="differs">ce</td><td class="differs">softmax_eql</td>'
+    assert rows["optim.lr"] == "<td>0.1</td><td>0.1</td>"  # the same in both runs
+    assert "<pre>optim:\n  lr: 0.1\n</pre>" in text and "<details>" in text
+    assert "<h2>The gradient ratio</h2>" in text
+    assert "P_j / N_j" in text and "balanced" in text and "far below 1" in text
+    assert "<pre>a  b\n  c</pre>" in text  # notes keep their alignment
+    assert text.index("Results") < text.index("Settings") < text.index("The gradient ratio")
+
+
+def test_a_report_without_results(tmp_path):
+    text = write_html_report(tmp_path / "r.html", "running", [], []).read_text()
+    assert "<p>No results yet.</p>" in text
+    assert "gradient ratio</h2>" not in text  # explained only when asked

@@ -7,9 +7,13 @@ import pytest
 import torch
 
 from eqlosses.config import load_config
+from eqlosses.monitor.recorder import read_stats
 from eqlosses.tasks import classification as cls
 from eqlosses.tasks.common import Progress, load_checkpoint
 from tests.dist_utils import free_port, spawn_and_wait
+
+#: pipeline tests (they train models): outside the quick loop, run by CI
+pytestmark = pytest.mark.slow
 
 TINY = ["model.width=4", "data.batch_size=256", "data.eval_batch_size=1000", "optim.epochs=2",
         "optim.warmup_epochs=0", "progress=false", "tensorboard=false", "log_every=1",
@@ -23,6 +27,10 @@ def _cfg(tmp_path, *extra, name="run"):
 def _state(run_dir):
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     return ckpt["model"], ckpt["criterion"], ckpt
+
+
+def ckpt_steps(run_dir):
+    return load_checkpoint(run_dir / "checkpoint.pt")["step"]
 
 
 def _assert_same(a, b):
@@ -42,7 +50,7 @@ def test_train_writes_outputs_and_sensible_metrics(tmp_path):
     cfg = _cfg(tmp_path, "loss.name=softmax_eql")
     result = cls.train(cfg)
     run = tmp_path / "run"
-    for name in ("config.yaml", "log.jsonl", "stats.jsonl", "checkpoint.pt", "metrics.json"):
+    for name in ("config.yaml", "log.jsonl", "stats.bin", "checkpoint.pt", "metrics.json"):
         assert (run / name).is_file(), name
     m = result["metrics"]
     assert 0.15 < m["top1"] <= 1.0  # two tiny epochs beat chance (0.1) on the balanced test
@@ -110,11 +118,12 @@ def test_incompatible_checkpoint_and_bad_choices_are_clear_errors(tmp_path):
     cls.train(_cfg(tmp_path, "optim.epochs=1", "loss.name=ce", name="ce"))
     with pytest.raises(ValueError, match="loss.name 'ce' in the checkpoint"):
         cls.train(_cfg(tmp_path, "optim.epochs=1", "loss.name=focal", name="ce"), resume=True)
-    with pytest.raises(ValueError, match="detection loss"):
+    with pytest.raises(ValueError,
+                       match="does not fit the cls head.*losses that fit: balanced_softmax"):
         cls.train(_cfg(tmp_path, "loss.name=seesaw", name="x"))
     with pytest.raises(ValueError, match="unknown loss"):
         cls.train(_cfg(tmp_path, "loss.name=eqlv9", name="y"))
-    with pytest.raises(ValueError, match="bad arguments"):
+    with pytest.raises(ValueError, match="takes no argument .taus.; its arguments: eps"):
         cls.train(_cfg(tmp_path, "loss.name=softmax_eql", "loss.taus=2", name="z"))
     with pytest.raises(ValueError, match="unknown model"):
         cls.train(_cfg(tmp_path, "model.name=vgg", name="w"))
@@ -158,7 +167,6 @@ def _ddp_worker(rank, port, out_dir):
     dist.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_two_processes_train_and_evaluate_without_double_counting(tmp_path):
     spawn_and_wait(_ddp_worker, (free_port(), str(tmp_path)), 2, 300, "2-process training")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
@@ -200,9 +208,8 @@ def test_ctrl_c_during_a_step_finishes_the_step_then_saves(tmp_path, monkeypatch
     assert ckpt["step"] == 5 and int(ckpt["criterion"]["stats.num_updates"]) == 5
     cls.train(stopped, resume=True)
     _assert_same(_state(tmp_path / "straight")[0], _state(tmp_path / "stopped")[0])
-    steps = [json.loads(line)["step"] for line in
-             (tmp_path / "stopped" / "stats.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps))  # each step recorded once, in order
+    steps = read_stats(tmp_path / "stopped").steps.tolist()
+    assert steps == sorted(set(steps)) and steps[-1] == ckpt_steps(tmp_path / "stopped")
 
 
 def test_stochastic_loss_resumes_exactly_across_evaluation(tmp_path, monkeypatch):
@@ -225,3 +232,14 @@ def test_resume_with_another_sample_order_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="batch_size 256 in the checkpoint, 128 now"):
         cls.train(_cfg(tmp_path, "optim.epochs=1", "data.batch_size=128", name="r"),
                   resume=True)
+
+
+def test_a_user_loss_that_declares_traits_trains_in_the_pipeline(tmp_path):
+    loss = "tests.losses.test_contract:SquaredHingeLoss"
+    cfg = _cfg(tmp_path, f"loss.name={loss}", "loss.margin=0.5", "optim.epochs=1", name="u")
+    result = cls.train(cfg)
+    assert 0.0 <= result["metrics"]["top1"] <= 1.0
+    assert load_checkpoint(tmp_path / "u" / "checkpoint.pt")["config"]["loss"] == {
+        "name": loss, "margin": 0.5}
+    with pytest.raises(ValueError, match="margin must be a number >= 0"):
+        _cfg(tmp_path, f"loss.name={loss}", "loss.margin=-1")

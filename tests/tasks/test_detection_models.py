@@ -19,8 +19,9 @@ from torchvision.models.detection.roi_heads import RoIHeads  # noqa: E402
 
 from eqlosses.losses import (BCELoss, CrossEntropyLoss, EqualizedFocalLoss,  # noqa: E402
                              EqualizedQualityFocalLoss, FocalLoss, SigmoidEQLLoss, build_loss)
-from eqlosses.tasks.detection_models import (_paired_iou, build_detector,  # noqa: E402
-                                             detection_loss, to_loss_targets)
+from eqlosses.tasks.detection_models import (build_detector, detection_loss,  # noqa: E402
+                                             to_loss_targets)
+from eqlosses.tasks.detection_models.conventions import paired_iou  # noqa: E402
 from tests.dist_utils import free_port, spawn_and_wait  # noqa: E402
 
 C = 5
@@ -221,18 +222,26 @@ def test_rejects_bad_arch_backbone_loss_and_labels():
         build_detector("yolo", C, _loss("sigmoid_eql"))
     with pytest.raises(ValueError, match="mobilenet_v3"):
         build_detector("faster_rcnn", C, _loss("sigmoid_eql"), backbone="vgg")
-    with pytest.raises(ValueError, match="background"):  # softmax without a background column
-        build_detector("faster_rcnn", C, CrossEntropyLoss(C), backbone="tiny")
-    with pytest.raises(ValueError, match="retinanet"):
+    roi_fits = "losses that fit: bce, ce, eql, eql_softmax, federated, seesaw, sigmoid_eql"
+    dense_fits = "losses that fit: bce, efl, eqfl, eql, federated, focal"
+    with pytest.raises(ValueError, match="background=False.*head feeds column") as err:
+        build_detector("faster_rcnn", C, CrossEntropyLoss(C), backbone="tiny")  # no bg column
+    assert roi_fits in str(err.value)
+    with pytest.raises(ValueError, match="declares the heads dense only") as err:
         build_detector("faster_rcnn", C, EqualizedQualityFocalLoss(C), backbone="tiny")
-    with pytest.raises(ValueError, match="focal, efl or eqfl"):
+    assert roi_fits in str(err.value)
+    with pytest.raises(ValueError, match="declares the heads cls, seg, roi only") as err:
         build_detector("retinanet", C, CrossEntropyLoss(C, reduction="sum"), backbone="tiny")
-    with pytest.raises(ValueError, match="focal, efl or eqfl"):
+    assert dense_fits in str(err.value)
+    with pytest.raises(ValueError, match="declares the heads roi, cls only") as err:
         build_detector("fcos", C, SigmoidEQLLoss(C), backbone="tiny")
+    assert dense_fits in str(err.value)
     with pytest.raises(ValueError, match="reduction='sum'"):
         build_detector("retinanet", C, BCELoss(C), backbone="tiny")  # mean over anchors
     with pytest.raises(ValueError, match="num_classes=4"):
         build_detector("retinanet", C, FocalLoss(4), backbone="tiny")
+    with pytest.raises(ValueError, match="lacks traits"):  # not a loss that declares traits
+        build_detector("retinanet", C, torch.nn.BCEWithLogitsLoss(), backbone="tiny")
     model = _build("faster_rcnn", _loss("bce"))
     images, targets = _batch()
     targets[0]["labels"] = torch.tensor([0, 1, 2])  # 0 is torchvision's background
@@ -334,7 +343,7 @@ def test_retinanet_eqfl_quality_is_iou_of_decoded_box_with_its_gt():
                                   anchors, matched)["classification"]
     gt = targets[0]["boxes"][matched[0].clamp(min=0)]
     quality = torch.zeros(12)
-    quality[:6] = torch.where(matched[0] >= 0, _paired_iou(anchors[0], gt), 0.0)
+    quality[:6] = torch.where(matched[0] >= 0, paired_iou(anchors[0], gt), 0.0)
     assert 0 < float(quality[0]) < 1
     want = reference(logits.reshape(-1, C), expected, quality=quality, normalizer=3.0)
     torch.testing.assert_close(got, want)

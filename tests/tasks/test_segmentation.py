@@ -8,9 +8,13 @@ import torch
 pytest.importorskip("torchvision")
 
 from eqlosses.config import load_config  # noqa: E402
+from eqlosses.monitor.recorder import read_stats  # noqa: E402
 from eqlosses.data.canvas import make_segmentation  # noqa: E402
 from eqlosses.tasks import segmentation as seg  # noqa: E402
 from eqlosses.tasks.common import Progress, load_checkpoint  # noqa: E402
+
+#: pipeline tests (they train models): outside the quick loop, run by CI
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +41,8 @@ def test_each_loss_trains_and_reports_group_miou(tmp_path, canvas, loss):
     meta = json.loads((canvas / "classes.json").read_text())
     assert result["train_counts"] == meta["train_pixel_counts"]  # counted from the files
     if loss == "softmax_eql":
-        stats = [json.loads(x) for x in (tmp_path / loss / "stats.jsonl").read_text().split("\n")
-                 if x]
         # statistics per class over pixels: the background class dominates the positives
-        pos = stats[-1]["pos_grad"]
+        pos = read_stats(tmp_path / loss).pos_grad[-1].tolist()
         assert len(pos) == 61 and pos[0] == max(pos) > 0
 
 
@@ -73,13 +75,14 @@ def test_eval_checkpoint_and_clear_errors(tmp_path, canvas):
     seg.train(_cfg(tmp_path, canvas, "loss.name=ce", name="ce"))
     metrics, cfg = seg.evaluate_checkpoint(tmp_path / "ce" / "checkpoint.pt", device="cpu")
     assert cfg.loss.name == "ce" and "miou" in metrics
-    with pytest.raises(ValueError, match="not a segmentation loss"):
+    with pytest.raises(ValueError,
+                       match="does not fit the seg head.*losses that fit: balanced_softmax, ce"):
         seg.train(_cfg(tmp_path, canvas, "loss.name=sigmoid_eql", name="bad"))
     with pytest.raises(FileNotFoundError):
         seg.train(_cfg(tmp_path, canvas, "data.name=ade20k", f"data.root={tmp_path}/none",
                        name="bad2"))
     with pytest.raises(ValueError, match="not an eqlosses 'seg' checkpoint"):
-        seg.evaluate_checkpoint(_cls_checkpoint(tmp_path), device="cpu")
+        seg.evaluate_checkpoint(_cls_checkpoint(tmp_path), device="cpu", task="seg")
 
 
 def _cls_checkpoint(tmp_path):

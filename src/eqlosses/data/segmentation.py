@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+from .seeding import item_seed
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SegTransforms", "SegmentationFolder", "ade20k",
            "image_counts", "image_labels", "item_seed", "pixel_counts",
            "segmentation_folder_from_meta"]
@@ -54,29 +56,6 @@ PathLike = Union[str, os.PathLike]
 # --------------------------------------------------------------------------------------------
 # Per-item seeds
 # --------------------------------------------------------------------------------------------
-
-_M64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of item ``index`` in ``epoch``: a pure, well-mixed function of the three ints
-    (SplitMix64 chained over them), in ``[0, 2**63)``, the same on every platform and Python.
-
-    >>> item_seed(0, 0, 0) == item_seed(0, 0, 0) != item_seed(0, 1, 0)
-    True
-    """
-    h = _splitmix64(int(seed) & _M64)
-    h = _splitmix64(h ^ (int(epoch) & _M64))
-    h = _splitmix64(h ^ (int(index) & _M64))
-    return h >> 1
-
 
 # --------------------------------------------------------------------------------------------
 # Paired transforms

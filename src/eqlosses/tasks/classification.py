@@ -14,46 +14,42 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from .. import distributed
 from ..config import ClassificationConfig, LossConfig
+from ..data.seeding import SeededDataset
 from ..data.frequency import FrequencyGroups, class_counts, many_medium_few_groups
-from ..losses import LongTailLoss, build_loss
-from .engine import Job, amp_dtype, evaluate_saved, run
+from ..losses import ClassStatistics, LongTailLoss, build_loss_for
+from .engine import (Job, amp_dtype, evaluate_checkpoint, evaluation_loader, run_dir_for,
+                     train)
 from .models import build_classifier
 
-__all__ = ["ClassificationData", "build_data", "build_criterion", "train",
-           "evaluate", "evaluate_checkpoint", "run_dir_for"]
+__all__ = ["ClassificationData", "SeededAugment", "build_data", "build_criterion",
+           "build_job", "evaluate", "train", "evaluate_checkpoint", "run_dir_for", "RUN_NAME"]
 
-#: losses that need detection conventions (objectness columns, quality targets)
-DETECTION_ONLY = {"seesaw": "an objectness branch (C + 2 columns)", "eqfl": "IoU quality targets"}
-
+#: the default run name (``output_dir/<name>``), formatted with the configuration
+RUN_NAME = "cls-{cfg.data.name}-{cfg.loss.name}-seed{cfg.seed}"
 
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
 
-class SeededAugment(Dataset):
-    """Random crop (zero padding) and horizontal flip, seeded by (seed, epoch, index).
+class SeededAugment(SeededDataset):
+    """Random crop (zero padding) and horizontal flip, seeded by ``item_seed(seed, epoch,
+    index)`` (:mod:`eqlosses.data.seeding`).
 
     The augmentation of a sample depends only on those three numbers, so a run resumed
     mid-epoch (or run with any number of loader workers) sees exactly the same images.
     """
 
     def __init__(self, base: Dataset, seed: int, pad: int = 2, flip: bool = True):
-        self.base, self.seed, self.pad, self.flip = base, seed, pad, flip
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
+        super().__init__(base, seed)
+        self.pad, self.flip = pad, flip
 
     def __getitem__(self, index: int):
         image, label = self.base[index]
-        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, int(index))) % 2**63)
+        g = self.generator(index)
         if self.pad:
             h, w = image.shape[-2:]
             padded = torch.nn.functional.pad(image, (self.pad,) * 4)
@@ -139,25 +135,14 @@ def _image_transforms(size: int, augment: bool):
 
 def build_criterion(loss_cfg: LossConfig, num_classes: int, train_counts: torch.Tensor,
                     generator: Optional[torch.Generator] = None) -> LongTailLoss:
-    """The loss by name; data-dependent arguments (class counts, frequencies) are filled in
-    from the training set unless the configuration gives them."""
-    if loss_cfg.name in DETECTION_ONLY:
-        raise ValueError(f"loss '{loss_cfg.name}' needs {DETECTION_ONLY[loss_cfg.name]}: it is "
-                         f"a detection loss; for classification choose ce, bce, focal, "
-                         f"balanced_softmax, softmax_eql, sigmoid_eql, efl, eql, eql_softmax or "
-                         f"federated")
-    kwargs = dict(loss_cfg.kwargs)
+    """The loss for an image classifier (head ``cls``), built by
+    :func:`eqlosses.losses.build_loss_for`: the training statistics it declares (class
+    counts, frequencies) are filled in from the training labels unless the configuration
+    gives them."""
     counts = train_counts.to(torch.float64)
-    injected = {
-        "balanced_softmax": {"class_counts": counts},
-        "eql": {"class_frequency": counts / counts.sum()},
-        "eql_softmax": {"class_frequency": counts / counts.sum(), "generator": generator},
-        "federated": {"class_image_counts": counts, "generator": generator},
-        "sigmoid_eql": {"objectness": False},
-    }.get(loss_cfg.name, {})
-    for key, value in injected.items():
-        kwargs.setdefault(key, value)
-    return build_loss(loss_cfg.name, num_classes, **kwargs)
+    statistics = ClassStatistics(counts, total=max(float(counts.sum()), 1.0))
+    return build_loss_for("cls", loss_cfg.name, num_classes, statistics, generator=generator,
+                          **loss_cfg.kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,14 +160,7 @@ def evaluate(model: nn.Module, criterion: LongTailLoss, dataset: Dataset, num_cl
     """
     from ..metrics.classification import ClassificationMetrics
 
-    model.eval()
-    rank, world = distributed.rank(), distributed.world_size()
-    if world > 1:  # BatchNorm running statistics drift apart under DDP: evaluate rank 0's
-        for buf in model.buffers():
-            torch.distributed.broadcast(buf, 0)
-    shard = Subset(dataset, list(range(rank, len(dataset), world))) if world > 1 else dataset
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        generator=torch.Generator())  # leaves the global RNG untouched
+    loader = evaluation_loader(model, dataset, batch_size, num_workers)
     metrics = ClassificationMetrics(num_classes, device=device)
     for images, labels in loader:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
@@ -191,11 +169,6 @@ def evaluate(model: nn.Module, criterion: LongTailLoss, dataset: Dataset, num_cl
         metrics.update(criterion.scores(logits.float()), labels.to(device))
     metrics.sync()
     return metrics.compute(groups)
-
-
-def run_dir_for(cfg: ClassificationConfig) -> Path:
-    name = cfg.name or f"cls-{cfg.data.name}-{cfg.loss.name}-seed{cfg.seed}"
-    return Path(cfg.output_dir) / name
 
 
 def build_job(cfg: ClassificationConfig, device: torch.device) -> Job:
@@ -230,16 +203,3 @@ def build_job(cfg: ClassificationConfig, device: torch.device) -> Job:
                start_info={"train_counts": counts.tolist(), "groups": groups.group_of()},
                result_info={"train_counts": counts.tolist(), "class_names": data.class_names},
                loss_generator=loss_generator)
-
-
-def train(cfg: ClassificationConfig, resume: bool = False, overwrite: bool = False
-          ) -> Dict[str, Any]:
-    """Train and evaluate as configured; returns the final metrics. Outputs go to the run
-    directory (see :func:`eqlosses.tasks.engine.fit`)."""
-    return run(cfg, build_job, run_dir_for(cfg), resume, overwrite)
-
-
-def evaluate_checkpoint(path: Path, device: str = "auto", overrides: Optional[list] = None
-                        ) -> Tuple[Dict[str, Any], ClassificationConfig]:
-    """Evaluate a checkpoint on its configured evaluation set (optionally overridden)."""
-    return evaluate_saved(path, "cls", ClassificationConfig, build_job, device, overrides)

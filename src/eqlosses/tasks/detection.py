@@ -18,22 +18,23 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from .. import distributed
 from ..config import DetectionConfig, LossConfig
 from ..data.lvis import collate_detection
-from ..losses import LongTailLoss, build_loss
+from ..data.seeding import SeededDataset
+from ..losses import ClassStatistics, LongTailLoss, build_loss_for, head_for
 from .common import ensure_canvas
-from .engine import Job, amp_dtype, evaluate_saved, run
+from .engine import (Job, amp_dtype, evaluate_checkpoint, evaluation_loader, run_dir_for,
+                     train)
 
 __all__ = ["DetectionData", "SeededFlip", "build_data", "build_criterion", "build_job",
-           "evaluate", "train", "evaluate_checkpoint", "run_dir_for", "ONE_STAGE_LOSSES",
-           "TWO_STAGE_LOSSES"]
+           "evaluate", "train", "evaluate_checkpoint", "run_dir_for", "RUN_NAME"]
 
-#: box-classifier losses of the R-CNNs, and dense losses of the one-stage detectors
-TWO_STAGE_LOSSES = ("ce", "bce", "eql", "sigmoid_eql", "seesaw", "federated")
-ONE_STAGE_LOSSES = ("focal", "efl", "eqfl")
+#: the default run name (``output_dir/<name>``), formatted with the configuration
+RUN_NAME = ("det-{cfg.data.name}-{cfg.model.arch}-{cfg.loss.name}-{cfg.data.sampler}-"
+            "seed{cfg.seed}")
 
 
 @dataclass
@@ -49,25 +50,14 @@ class DetectionData:
     groups: Any  # FrequencyGroups (rare / common / frequent)
 
 
-class SeededFlip(Dataset):
+class SeededFlip(SeededDataset):
     """Random horizontal flip of image, boxes and masks with probability 1/2, drawn from
-    ``item_seed(seed, epoch, index)``: a pure function of the three, so resume is exact and
-    workers do not matter. Call :meth:`set_epoch` each epoch."""
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    ``item_seed(seed, epoch, index)`` (:mod:`eqlosses.data.seeding`): a pure function of the
+    three, so resume is exact and workers do not matter. Call :meth:`set_epoch` each epoch."""
 
     def __getitem__(self, index: int):
-        from ..data.segmentation import item_seed
-
-        image, target = self.dataset[index]
-        g = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
+        image, target = self.base[index]
+        g = self.generator(index)
         if torch.rand((), generator=g) < 0.5:
             width = image.shape[-1]
             image = image.flip(-1)
@@ -128,26 +118,15 @@ def build_data(cfg: DetectionConfig) -> DetectionData:
 def build_criterion(loss_cfg: LossConfig, arch: str, num_classes: int,
                     image_counts: torch.Tensor, num_images: int,
                     generator: Optional[torch.Generator] = None) -> LongTailLoss:
-    """The classification loss of the detector, with the detection conventions filled in:
-    a background column for softmax CE, an objectness column for BCE and Sigmoid-EQL, the
-    image frequencies for EQL (``lambda_`` 0.0011 as for LVIS v1) and the image counts for
-    the federated loss."""
-    one_stage = arch in ("retinanet", "fcos")
-    allowed = ONE_STAGE_LOSSES if one_stage else TWO_STAGE_LOSSES
-    if loss_cfg.name not in allowed:
-        raise ValueError(f"loss '{loss_cfg.name}' does not fit model.arch={arch}; choose one "
-                         f"of {', '.join(allowed)}")
-    counts = image_counts.to(torch.float64)
-    injected = {
-        "ce": {"background": True},
-        "bce": {"objectness": True},
-        "eql": {"class_frequency": counts / max(num_images, 1)},
-        "federated": {"class_image_counts": counts, "generator": generator},
-    }.get(loss_cfg.name, {})
-    kwargs = dict(loss_cfg.kwargs)
-    for key, value in injected.items():
-        kwargs.setdefault(key, value)
-    return build_loss(loss_cfg.name, num_classes, **kwargs)
+    """The classification loss of the detector's head (``roi`` for the R-CNNs, ``dense``
+    for RetinaNet / FCOS), built by :func:`eqlosses.losses.build_loss_for` with the head's
+    conventions (a background column for softmax CE, an objectness column for BCE and
+    Sigmoid-EQL, ``reduction="sum"`` for a dense loss without a normaliser) and the training
+    statistics it declares: image counts per class, and image frequencies = counts / images
+    (EQL, ``lambda_`` 0.0011 as for LVIS v1)."""
+    statistics = ClassStatistics(image_counts, total=max(num_images, 1))
+    return build_loss_for(head_for("det", arch), loss_cfg.name, num_classes, statistics,
+                          generator=generator, **loss_cfg.kwargs)
 
 
 @torch.no_grad()
@@ -163,21 +142,14 @@ def evaluate(model: nn.Module, dataset: Dataset, val_ann: Path, category_ids: Li
     """
     from ..metrics.detection import LVISEvaluator
 
-    model.eval()
-    rank, world = distributed.rank(), distributed.world_size()
-    if world > 1:  # BatchNorm running statistics drift apart under DDP: evaluate rank 0's
-        for buf in model.buffers():
-            torch.distributed.broadcast(buf, 0)
-    shard = Subset(dataset, list(range(rank, len(dataset), world))) if world > 1 else dataset
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_detection, generator=torch.Generator())
+    loader = evaluation_loader(model, dataset, batch_size, num_workers, collate_detection)
     evaluator = LVISEvaluator(val_ann, category_ids, iou_types=iou_types, max_dets=max_dets)
     for images, targets in loader:
         outputs = model([im.to(device) for im in images])
         evaluator.update([{k: v.cpu() for k, v in out.items()} for out in outputs],
                          [int(t["image_id"]) for t in targets])
     result = evaluator.compute()
-    if rank != 0 or not result:
+    if distributed.rank() != 0 or not result:
         return {}
     box = result["bbox"]
     metrics: Dict[str, Any] = dict(result)
@@ -185,12 +157,6 @@ def evaluate(model: nn.Module, dataset: Dataset, val_ann: Path, category_ids: Li
         metrics[key] = box[key]
     metrics["groups"] = {"rare": box["APr"], "common": box["APc"], "frequent": box["APf"]}
     return metrics
-
-
-def run_dir_for(cfg: DetectionConfig) -> Path:
-    name = cfg.name or (f"det-{cfg.data.name}-{cfg.model.arch}-{cfg.loss.name}-"
-                        f"{cfg.data.sampler}-seed{cfg.seed}")
-    return Path(cfg.output_dir) / name
 
 
 def build_job(cfg: DetectionConfig, device: torch.device) -> Job:
@@ -239,16 +205,3 @@ def build_job(cfg: DetectionConfig, device: torch.device) -> Job:
                             "class_names": data.class_names,
                             "group_of": data.groups.group_of()},
                loss_generator=generator)
-
-
-def train(cfg: DetectionConfig, resume: bool = False, overwrite: bool = False
-          ) -> Dict[str, Any]:
-    """Train and evaluate as configured; returns the final metrics. Outputs go to the run
-    directory (see :func:`eqlosses.tasks.engine.fit`)."""
-    return run(cfg, build_job, run_dir_for(cfg), resume, overwrite)
-
-
-def evaluate_checkpoint(path: Path, device: str = "auto", overrides: Optional[list] = None
-                        ) -> Tuple[Dict[str, Any], DetectionConfig]:
-    """Evaluate a checkpoint on its configured evaluation set (optionally overridden)."""
-    return evaluate_saved(path, "det", DetectionConfig, build_job, device, overrides)

@@ -4,7 +4,9 @@ A task (``tasks/classification.py``, ``tasks/detection.py``, ``tasks/segmentatio
 builds its data, loss and model and hands them over as a :class:`Job`: the modules, the
 training set and the labels its sampler draws from, a ``step`` function (batch -> loss) and an
 ``evaluate`` function. :func:`fit` then reads top to bottom: resume if asked, and for each
-epoch :func:`train_one_epoch`, a checkpoint and ``evaluate``.
+epoch :func:`train_one_epoch`, a checkpoint and ``evaluate``. :func:`train`,
+:func:`evaluate_checkpoint` and :func:`run_dir_for` serve every task (each task module
+re-exports them), and :func:`evaluation_loader` is the evaluation prologue they share.
 
 Checkpoints hold everything needed to continue exactly: model (with the loss inside it for
 detection), the loss's statistics, optimiser, schedule, loss scaler, the sampler's epoch and
@@ -25,18 +27,20 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import distributed
 from ..config import save_config, to_dict
+from ..data.seeding import item_seed
 from ..losses import LongTailLoss
 from .common import (JsonlLog, Progress, init_distributed, load_checkpoint, maybe_tensorboard,
                      resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state,
                      truncate_jsonl)
 
 __all__ = ["Job", "TrainState", "StopRequest", "build_optimizer", "build_schedule",
-           "amp_dtype", "train_one_epoch", "prepare_run", "fit", "check_checkpoint", "run",
-           "evaluate_saved"]
+           "amp_dtype", "train_one_epoch", "prepare_run", "fit", "check_checkpoint",
+           "TASK_MODULES", "task_module", "run_dir_for", "train", "evaluate_checkpoint",
+           "evaluation_loader"]
 
 #: a training step: (model, batch) -> (loss, samples in the batch, extra values to log)
 StepFn = Callable[[nn.Module, Any], Tuple[torch.Tensor, int, Dict[str, torch.Tensor]]]
@@ -219,7 +223,7 @@ def prepare_run(cfg, run_dir: Path, resume: bool, overwrite: bool) -> torch.devi
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, "
                               f"--overwrite to start again, or choose another name")
     if overwrite and not resume and distributed.rank() == 0:
-        for stale in ("checkpoint.pt", "log.jsonl", "stats.jsonl", "metrics.json"):
+        for stale in ("checkpoint.pt", "log.jsonl", "stats.bin", "stats.jsonl", "metrics.json"):
             (run_dir / stale).unlink(missing_ok=True)
     return device
 
@@ -281,7 +285,7 @@ def fit(cfg, job: Job, device: torch.device, run_dir: Path, resume: bool = False
         ) -> Dict[str, Any]:
     """Train ``job`` as configured, evaluating every ``cfg.eval.every_epochs`` epochs and at
     the end; returns ``{"name", "loss", "metrics", **job.result_info}`` (also written to
-    ``metrics.json``). Outputs: config.yaml, log.jsonl, stats.jsonl, checkpoint.pt,
+    ``metrics.json``). Outputs: config.yaml, log.jsonl, stats.bin, checkpoint.pt,
     metrics.json (and TensorBoard events when installed)."""
     from ..data.samplers import LongTailSampler
     from ..monitor.recorder import StatsRecorder
@@ -317,13 +321,16 @@ def fit(cfg, job: Job, device: torch.device, run_dir: Path, resume: bool = False
         if "loss" in rngs and job.loss_generator is not None:
             job.loss_generator.set_state(rngs["loss"])
         if distributed.rank() == 0:  # forget what was logged after the checkpoint
-            for name in ("log.jsonl", "stats.jsonl"):
+            from ..monitor.recorder import truncate_stats
+
+            for name in ("log.jsonl", "stats.jsonl"):  # stats.jsonl: runs of older versions
                 truncate_jsonl(run_dir / name, state.step)
+            truncate_stats(run_dir / "stats.bin", state.step)
     if distributed.rank() == 0:
         save_config(cfg, run_dir / "config.yaml")
     log = JsonlLog(run_dir / "log.jsonl")
     writer = maybe_tensorboard(cfg.tensorboard, run_dir / "tensorboard")
-    recorder = StatsRecorder(run_dir / "stats.jsonl", criterion)
+    recorder = StatsRecorder(run_dir / "stats.bin", criterion)
     log.write(kind="start", resume=resume, world_size=distributed.world_size(),
               device=str(device), num_classes=job.num_classes, train_size=len(job.train_set),
               **job.start_info)
@@ -363,7 +370,7 @@ def fit(cfg, job: Job, device: torch.device, run_dir: Path, resume: bool = False
                                  "position": state.batches_done * cfg.data.batch_size})
         if hasattr(job.train_set, "set_epoch"):
             job.train_set.set_epoch(state.epoch)
-        loader_seed = hash((cfg.seed, state.epoch, distributed.rank())) % 2**63
+        loader_seed = item_seed(cfg.seed, state.epoch, distributed.rank())
         loader = DataLoader(job.train_set, batch_size=cfg.data.batch_size, sampler=sampler,
                             num_workers=cfg.data.num_workers, collate_fn=job.collate_fn,
                             pin_memory=device.type == "cuda",
@@ -397,29 +404,73 @@ def fit(cfg, job: Job, device: torch.device, run_dir: Path, resume: bool = False
     return result
 
 
-def run(cfg, build_job: Callable[[Any, torch.device], Job], run_dir: Path,
-        resume: bool = False, overwrite: bool = False) -> Dict[str, Any]:
-    """Prepare the run directory and device, build the task's job and :func:`fit` it."""
+# --------------------------------------------------------------------------------------------
+# The tasks: one train / evaluate-checkpoint / run-directory path for all of them
+# --------------------------------------------------------------------------------------------
+
+#: task -> the module of :mod:`eqlosses.tasks` that builds its :class:`Job` (``build_job``)
+#: and names its runs (``RUN_NAME``, formatted with ``cfg``)
+TASK_MODULES = {"cls": "classification", "det": "detection", "seg": "segmentation"}
+
+
+def task_module(task: str):
+    """The module of a task (``cls``, ``det``, ``seg``)."""
+    from importlib import import_module
+
+    if task not in TASK_MODULES:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_MODULES)}")
+    return import_module(f"{__package__}.{TASK_MODULES[task]}")
+
+
+def run_dir_for(cfg) -> Path:
+    """Where a run writes: ``output_dir/name``, the name defaulting to the task's
+    ``RUN_NAME`` pattern (e.g. ``cls-embedded-softmax_eql-seed0``)."""
+    name = cfg.name or task_module(cfg.task).RUN_NAME.format(cfg=cfg)
+    return Path(cfg.output_dir) / name
+
+
+def train(cfg, resume: bool = False, overwrite: bool = False) -> Dict[str, Any]:
+    """Train and evaluate the task ``cfg.task`` as configured; returns the final metrics.
+    Outputs go to :func:`run_dir_for` ``(cfg)`` (see :func:`fit`)."""
+    build_job = task_module(cfg.task).build_job
+    run_dir = run_dir_for(cfg)
     device = prepare_run(cfg, run_dir, resume, overwrite)
     return fit(cfg, build_job(cfg, device), device, run_dir, resume)
 
 
-def evaluate_saved(path: Path, kind: str, config_type: type,
-                   build_job: Callable[[Any, torch.device], Job], device: str = "auto",
-                   overrides: Optional[list] = None) -> Tuple[Dict[str, Any], Any]:
-    """Evaluate the checkpoint of a ``kind`` run on its configured evaluation set (the
-    configuration saved in it, with ``overrides``); returns ``(metrics, config)``."""
-    from ..config import apply_overrides, from_dict
+def evaluate_checkpoint(path: Path, device: str = "auto", overrides: Optional[list] = None,
+                        task: Optional[str] = None) -> Tuple[Dict[str, Any], Any]:
+    """Evaluate a checkpoint on its configured evaluation set (the configuration saved in it,
+    with ``overrides``); returns ``(metrics, config)``. The task is read from the checkpoint;
+    ``task`` (``cls``, ``det``, ``seg``), when given, must match it."""
+    from ..config import CONFIGS, apply_overrides, from_dict
 
     ckpt = load_checkpoint(Path(path))
-    if ckpt.get("format") != _format(kind):
-        raise ValueError(f"{path} is not an eqlosses '{kind}' checkpoint (format "
+    kind = next((t for t in TASK_MODULES if ckpt.get("format") == _format(t)), None)
+    if kind is None or (task is not None and kind != task):
+        wanted = f"'{task}' " if task else ""
+        raise ValueError(f"{path} is not an eqlosses {wanted}checkpoint (format "
                          f"{ckpt.get('format')!r})")
-    cfg = apply_overrides(from_dict(ckpt["config"], config_type()), overrides or [])
+    cfg = apply_overrides(from_dict(ckpt["config"], CONFIGS[kind]()), overrides or [])
     dev = resolve_device(device)
-    job = build_job(cfg, dev)
+    job = task_module(kind).build_job(cfg, dev)
     check_checkpoint(ckpt, cfg, kind, job.num_classes, Path(path))
     job.model.load_state_dict(ckpt["model"])
     job.criterion.load_state_dict(ckpt["criterion"])
     return job.evaluate(), cfg
 
+
+def evaluation_loader(model: nn.Module, dataset: Dataset, batch_size: int, num_workers: int = 0,
+                      collate_fn: Optional[Callable] = None) -> DataLoader:
+    """Put ``model`` in eval mode and return a loader over this process's shard of
+    ``dataset``: every ``world_size``-th sample from ``rank`` (no padding, so no sample counts
+    twice). With several processes the model's buffers are first broadcast from rank 0
+    (BatchNorm running statistics drift apart under DDP: every rank evaluates rank 0's)."""
+    model.eval()
+    rank, world = distributed.rank(), distributed.world_size()
+    if world > 1:
+        for buf in model.buffers():
+            torch.distributed.broadcast(buf, 0)
+    shard = Subset(dataset, list(range(rank, len(dataset), world))) if world > 1 else dataset
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate_fn, generator=torch.Generator())  # global RNG untouched

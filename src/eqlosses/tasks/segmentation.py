@@ -19,19 +19,19 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
-from .. import distributed
 from ..config import LossConfig, SegmentationConfig
-from ..losses import FocalLoss, LongTailLoss, build_loss
+from ..losses import ClassStatistics, LongTailLoss, build_loss_for
 from .common import ensure_canvas
-from .engine import Job, amp_dtype, evaluate_saved, run
+from .engine import (Job, amp_dtype, evaluate_checkpoint, evaluation_loader, run_dir_for,
+                     train)
 
 __all__ = ["SegmentationData", "build_data", "build_criterion", "build_job", "evaluate",
-           "train", "evaluate_checkpoint", "run_dir_for", "SEGMENTATION_LOSSES"]
+           "train", "evaluate_checkpoint", "run_dir_for", "RUN_NAME"]
 
-#: losses that take per-pixel logits ``[B, C, H, W]`` (focal is applied to pixels as rows)
-SEGMENTATION_LOSSES = ("ce", "balanced_softmax", "softmax_eql", "focal")
+#: the default run name (``output_dir/<name>``), formatted with the configuration
+RUN_NAME = "seg-{cfg.data.name}-{cfg.model.arch}-{cfg.loss.name}-seed{cfg.seed}"
 
 
 @dataclass
@@ -76,15 +76,13 @@ def build_data(cfg: SegmentationConfig) -> SegmentationData:
 
 def build_criterion(loss_cfg: LossConfig, num_classes: int, pixel_counts: torch.Tensor,
                     ignore_index: int) -> LongTailLoss:
-    """The per-pixel loss by name; balanced softmax takes the training pixel counts."""
-    if loss_cfg.name not in SEGMENTATION_LOSSES:
-        raise ValueError(f"loss '{loss_cfg.name}' is not a segmentation loss here; choose one "
-                         f"of {', '.join(SEGMENTATION_LOSSES)}")
-    kwargs = dict(loss_cfg.kwargs)
-    kwargs.setdefault("ignore_index", ignore_index)
-    if loss_cfg.name == "balanced_softmax":
-        kwargs.setdefault("class_counts", pixel_counts.to(torch.float64))
-    return build_loss(loss_cfg.name, num_classes, **kwargs)
+    """The per-pixel loss (head ``seg``) by :func:`eqlosses.losses.build_loss_for`, with the
+    data's ignore label and the training pixel counts for the statistics it declares (e.g.
+    balanced softmax's prior)."""
+    counts = pixel_counts.to(torch.float64)
+    statistics = ClassStatistics(counts, total=max(float(counts.sum()), 1.0), unit="pixels")
+    return build_loss_for("seg", loss_cfg.name, num_classes, statistics,
+                          ignore_index=ignore_index, **loss_cfg.kwargs)
 
 
 def _pixel_rows(logits: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor,
@@ -96,7 +94,8 @@ def _pixel_rows(logits: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tens
 
 def _loss(criterion: LongTailLoss, logits: torch.Tensor, targets: torch.Tensor
           ) -> torch.Tensor:
-    if isinstance(criterion, FocalLoss):  # a sigmoid loss over rows
+    """The loss of per-pixel logits, fed as the loss declares (``traits.pixels``)."""
+    if criterion.traits.pixels == "rows":
         return criterion(*_pixel_rows(logits, targets))
     return criterion(logits, targets)
 
@@ -113,14 +112,7 @@ def evaluate(model: nn.Module, criterion: LongTailLoss, dataset: Dataset, num_cl
     """
     from ..metrics.segmentation import SegmentationMetrics
 
-    model.eval()
-    rank, world = distributed.rank(), distributed.world_size()
-    if world > 1:  # BatchNorm running statistics drift apart under DDP: evaluate rank 0's
-        for buf in model.buffers():
-            torch.distributed.broadcast(buf, 0)
-    shard = Subset(dataset, list(range(rank, len(dataset), world))) if world > 1 else dataset
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_stack_or_list, generator=torch.Generator())
+    loader = evaluation_loader(model, dataset, batch_size, num_workers, _stack_or_list)
     metrics = SegmentationMetrics(num_classes, ignore_index=ignore_index, device=device)
     for images, targets in loader:
         for x, y in (zip(images, targets) if isinstance(images, list) else [(images, targets)]):
@@ -140,11 +132,6 @@ def _stack_or_list(batch):
     if len({tuple(t.shape) for t in targets}) == 1:
         return torch.stack(images), torch.stack(targets)
     return list(images), list(targets)
-
-
-def run_dir_for(cfg: SegmentationConfig) -> Path:
-    name = cfg.name or f"seg-{cfg.data.name}-{cfg.model.arch}-{cfg.loss.name}-seed{cfg.seed}"
-    return Path(cfg.output_dir) / name
 
 
 def build_job(cfg: SegmentationConfig, device: torch.device) -> Job:
@@ -182,16 +169,3 @@ def build_job(cfg: SegmentationConfig, device: torch.device) -> Job:
                start_info={"train_pixel_counts": pixels},
                result_info={"train_counts": pixels, "count_unit": "pixels",
                             "class_names": data.class_names})
-
-
-def train(cfg: SegmentationConfig, resume: bool = False, overwrite: bool = False
-          ) -> Dict[str, Any]:
-    """Train and evaluate as configured; returns the final metrics. Outputs go to the run
-    directory (see :func:`eqlosses.tasks.engine.fit`)."""
-    return run(cfg, build_job, run_dir_for(cfg), resume, overwrite)
-
-
-def evaluate_checkpoint(path: Path, device: str = "auto", overrides: Optional[list] = None
-                        ) -> Tuple[Dict[str, Any], SegmentationConfig]:
-    """Evaluate a checkpoint on its configured evaluation set (optionally overridden)."""
-    return evaluate_saved(path, "seg", SegmentationConfig, build_job, device, overrides)
