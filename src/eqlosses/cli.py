@@ -2,6 +2,7 @@
 
     eqlosses demo                                  # the main job, a few minutes on a CPU
     eqlosses train cls --config cfg.yaml --set loss.tau=1.5
+    eqlosses train cls --resume --run runs/NAME    # continue a stopped run as it was
     eqlosses data make-detection --out data/canvas-det
     eqlosses train det --config configs/det_faster_rcnn_sigmoid_eql.yaml
     eqlosses data make-segmentation --out data/canvas-seg
@@ -14,14 +15,41 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
 DEMO_LOSSES = ("ce", "balanced_softmax", "softmax_eql", "sigmoid_eql")
 TASK_MODULES = {"cls": "classification", "det": "detection", "seg": "segmentation"}
+TASK_NAMES = {"cls": "image classification", "det": "object detection",
+              "seg": "semantic segmentation"}
+
+#: what ``train --help`` lists when ``eqlosses.losses.losses_for`` is not available
+_STATIC_LOSSES = {
+    "cls": "ce, bce, focal, balanced_softmax, softmax_eql, sigmoid_eql, efl, eql, "
+           "eql_softmax, federated",
+    "det": "ce, bce, eql, sigmoid_eql, seesaw, federated (faster_rcnn, mask_rcnn); focal, "
+           "efl, eqfl (retinanet, fcos)",
+    "seg": "ce, balanced_softmax, softmax_eql, focal",
+}
+
+
+def _run_files() -> str:
+    """The files of a run directory, as ``train --help`` describes them."""
+    try:
+        from .monitor import recorder
+
+        stats = getattr(recorder, "STATS_FILE", "stats.jsonl")
+    except ImportError:
+        stats = "stats.jsonl"
+    return ("config.yaml (the resolved configuration), checkpoint.pt (model, optimiser, loss "
+            "statistics, sampler position, RNG states; every epoch and on Ctrl-C), log.jsonl "
+            f"(training log), {stats} (per-class gradient statistics), metrics.json (final "
+            "evaluation), report.html and plots/ (with matplotlib), tensorboard/ (with "
+            "tensorboard)")
 
 
 def _task_module(task: str):
@@ -30,18 +58,98 @@ def _task_module(task: str):
     return import_module(f".tasks.{TASK_MODULES[task]}", __package__)
 
 
+def _resume_command(task: str, run_dir: Path) -> str:
+    return f"eqlosses train {task} --resume --run {shlex.quote(str(run_dir))}"
+
+
+def _run_option(args, cfg, module) -> Optional[Path]:
+    """``--run DIR``, if given; refuses a ``--set output_dir=`` / ``--set name=`` that names
+    another directory."""
+    if not args.run:
+        return None
+    run = Path(args.run)
+    given = module.run_dir_for(cfg)
+    named = [item.split("=", 1)[0].strip() for item in args.set]
+    if any(key in ("output_dir", "name") for key in named) and \
+            given.resolve() != run.resolve():
+        from .config import ConfigError
+
+        raise ConfigError(f"--run {run} and the --set output_dir / name ({given}) name "
+                          f"different run directories; give one of them")
+    return run
+
+
+def _place_run(cfg, args, module) -> Path:
+    """The run directory of a new run: ``--run DIR`` (output_dir = its parent, name = its
+    last part) or output_dir/name."""
+    run = _run_option(args, cfg, module)
+    if run is not None:
+        cfg.output_dir, cfg.name = str(run.parent), run.name
+    return module.run_dir_for(cfg)
+
+
+def _resume(args, module):
+    """The saved configuration of the run to resume and its directory."""
+    from .config import ConfigError, load_config, resume_config
+
+    # what the user gives now: it locates the run and is compared with the run's own settings
+    # (the resumed configuration is validated, not this one: a loss argument given for the
+    # run's loss must not be checked against the default loss)
+    given = load_config(args.config, args.set, task=args.task, check=False)
+    run_dir = _run_option(args, given, module) or module.run_dir_for(given)
+    if not (run_dir / "config.yaml").is_file():
+        where = "--run" if args.run else "output_dir/name"
+        others = sorted(p.parent.name for p in run_dir.parent.glob("*/config.yaml"))[:12]
+        listing = (f" (runs in {run_dir.parent}: {', '.join(others)})" if others else "")
+        raise ConfigError(f"no run to resume in {run_dir} (from {where}): it has no "
+                          f"config.yaml. Name the run directory with --run DIR{listing}, or "
+                          f"start a new run without --resume")
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise ConfigError(f"no checkpoint to resume in {run_dir}: the run stopped before its "
+                          f"first checkpoint ({run_dir / 'checkpoint.pt'}). Start it again "
+                          f"with: eqlosses train {args.task} --config "
+                          f"{shlex.quote(str(run_dir / 'config.yaml'))} --run "
+                          f"{shlex.quote(str(run_dir))} --overwrite")
+    cfg = resume_config(run_dir, given, args.config, args.set)
+    if module.run_dir_for(cfg).resolve() != run_dir.resolve():  # the run was moved
+        cfg.output_dir, cfg.name = str(run_dir.parent), run_dir.name
+    return cfg, run_dir
+
+
 def _train(args) -> int:
     from .config import load_config
     from .tasks.reporting import format_table, report_run
 
-    cfg = load_config(args.config, args.set, task=args.task)
     module = _task_module(args.task)
+    if args.resume:
+        cfg, run_dir = _resume(args, module)
+    else:
+        cfg = load_config(args.config, args.set, task=args.task)
+        run_dir = _place_run(cfg, args, module)
+    args.run_dir = run_dir  # for the Ctrl-C message
     result = module.train(cfg, resume=args.resume, overwrite=args.overwrite)
-    run_dir = module.run_dir_for(cfg)
     print(format_table([result]))
     _report(lambda: report_run(run_dir))
     print(f"outputs in {run_dir}")
     return 0
+
+
+#: optional packages -> how to install them
+_EXTRAS = {"matplotlib": "pip install 'eqlosses[cli]'", "torchvision": "pip install "
+           "'eqlosses[vision]'", "PIL": "pip install 'eqlosses[vision]'", "faster_coco_eval":
+           "pip install 'eqlosses[eval]'", "yaml": "pip install pyyaml"}
+
+
+def _import_message(err: ImportError) -> str:
+    """The error's text, with how to install the missing package when it does not say."""
+    text = str(err)
+    if "pip install" in text:
+        return text
+    name = (getattr(err, "name", None) or "").split(".")[0]
+    for package, install in _EXTRAS.items():
+        if name == package or f"'{package}" in text:
+            return f"{text} ({install})"
+    return text
 
 
 def _report(make) -> None:
@@ -53,26 +161,33 @@ def _report(make) -> None:
         path = make()
         print(f"report: {path}")
     except ImportError as err:
-        print(f"(no plots or report: {err})", file=sys.stderr)
+        print(f"(no plots or report: {_import_message(err)})", file=sys.stderr)
 
 
 def _demo(args) -> int:
     from .config import load_config
     from .tasks.classification import run_dir_for, train
-    from .tasks.reporting import compare_runs
+    from .tasks.reporting import compare_runs, format_table
 
     out = Path(args.out)
-    run_dirs = []
+    run_dirs, results = [], []
     for loss in args.losses:
         overrides = [f"output_dir={out}", f"name={loss}", f"loss.name={loss}",
                      f"optim.epochs={args.epochs}", f"eval.every_epochs={args.epochs}",
                      f"seed={args.seed}"] + list(args.set)
         cfg = load_config(None, overrides)
+        args.run_dir = run_dir_for(cfg)  # for the Ctrl-C message
         print(f"== training with {loss} ({args.epochs} epochs) ==", flush=True)
-        train(cfg, resume=False, overwrite=True)
+        results.append(train(cfg, resume=False, overwrite=True))
         run_dirs.append(run_dir_for(cfg))
-    result = compare_runs(run_dirs, out / "compare",
-                          title="eqlosses demo: Fashion-MNIST-LT (imbalance 100)")
+    args.run_dir = None
+    try:
+        result = compare_runs(run_dirs, out / "compare",
+                              title="eqlosses demo: Fashion-MNIST-LT (imbalance 100)")
+    except ImportError as err:  # matplotlib is optional: the table without plots
+        print(format_table(results))
+        print(f"(no plots or report: {_import_message(err)})", file=sys.stderr)
+        return 0
     print(result["table"])
     print(f"report: {result['report']}")
     return 0
@@ -133,23 +248,107 @@ def _plot(args) -> int:
     return 0
 
 
+def _losses_by_task() -> dict:
+    """Help lines: task (or detection head) -> the loss names that fit it, from
+    ``eqlosses.losses.losses_for`` when the package has it, else a fixed description."""
+    try:
+        from . import losses
+
+        losses_for = getattr(losses, "losses_for", None)
+    except ImportError:  # torch missing: the help still shows
+        losses_for = None
+    if losses_for is None:
+        return dict(_STATIC_LOSSES)
+    out = {}
+    for task in TASK_MODULES:
+        out[task] = ", ".join(losses_for(task))
+        if task != "det":
+            continue
+        for head, models in (("roi", "faster_rcnn, mask_rcnn"), ("dense", "retinanet, fcos")):
+            try:
+                out[f"  {models}"] = ", ".join(losses_for(head))
+            except ValueError:  # a losses_for that knows tasks only
+                pass
+    return out
+
+
+def _paragraph(text: str, indent: str = "  ") -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=90, subsequent_indent=indent, break_on_hyphens=False)
+
+
+def _train_epilog() -> str:
+    from .config import RESUME_MAY_CHANGE
+
+    lines = ["losses by task (--set loss.name=NAME, the loss's arguments as --set "
+             "loss.ARG=VALUE):"]
+    lines += [_paragraph(f"  {task}: {names}", " " * (len(task) + 4))
+              for task, names in _losses_by_task().items()]
+    lines += [
+        "",
+        _paragraph("where runs go: the run directory is output_dir/name (default runs/<auto "
+                   "name>, the name built from the task, data, loss and seed, e.g. "
+                   "runs/cls-embedded-softmax_eql-seed0), or --run DIR. It holds "
+                   + _run_files() + "."),
+        "",
+        _paragraph("resuming: eqlosses train TASK --resume --run runs/NAME continues the run "
+                   "with its own config.yaml; settings given again (--config, --set) must "
+                   "agree with it, except " + ", ".join(RESUME_MAY_CHANGE) + "."),
+        "",
+        "examples:",
+        "  eqlosses train cls --set loss.name=balanced_softmax --set optim.epochs=12",
+        "  eqlosses train cls --config configs/cls_embedded.yaml --run runs/eql",
+        "  eqlosses train cls --resume --run runs/eql",
+    ]
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog is built when the help is shown (it imports torch)."""
+
+    def __init__(self, *args, epilog_factory: Optional[Callable[[], str]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epilog_factory = epilog_factory
+
+    def format_help(self) -> str:
+        if self.epilog_factory is not None:
+            self.epilog = self.epilog_factory()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eqlosses", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog="eqlosses", formatter_class=raw,
+                     description="The equalization losses for long-tailed recognition: train, "
+                                 "evaluate and compare.",
+                     epilog="examples:\n" + "\n".join(
+                         line.replace("    eqlosses", "  eqlosses", 1)
+                         for line in __doc__.splitlines() if "eqlosses " in line))
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="train CE, balanced softmax, Softmax-EQL and Sigmoid-EQL "
-                                       "on the embedded Fashion-MNIST-LT and compare them")
+                                       "on the embedded Fashion-MNIST-LT and compare them",
+                          description="Train the small CNN with each loss on the embedded "
+                                      "Fashion-MNIST-LT (imbalance 100), evaluate on the "
+                                      "balanced test subset and compare them: a table, plots "
+                                      "and an HTML report in OUT/compare. The runs are "
+                                      "OUT/LOSS, started afresh each time.")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    demo.add_argument("--epochs", type=int, default=12)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--losses", nargs="+", default=list(DEMO_LOSSES))
+    demo.add_argument("--epochs", type=int, default=12,
+                      help="training epochs of each run (default 12)")
+    demo.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    demo.add_argument("--losses", nargs="+", default=list(DEMO_LOSSES), metavar="LOSS",
+                      help=f"the losses to compare (default {' '.join(DEMO_LOSSES)})")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="configuration override applied to every run")
+                      help="configuration override applied to every run (repeatable)")
     demo.set_defaults(func=_demo)
 
     data = sub.add_parser("data", help="generate the canvas detection / segmentation benchmark "
                                        "from the embedded Fashion-MNIST items")
-    data.add_argument("kind", choices=["make-detection", "make-segmentation"])
+    data.add_argument("kind", choices=["make-detection", "make-segmentation"],
+                      help="make-detection: LVIS-format boxes and masks; make-segmentation: "
+                           "class maps (0 = background)")
     data.add_argument("--out", required=True, help="output directory (must be new or empty)")
     data.add_argument("--n-max", type=int, default=200,
                       help="training instances of the most frequent class (default 200)")
@@ -157,40 +356,74 @@ def build_parser() -> argparse.ArgumentParser:
                       help="n_max / instances of the rarest class (default 200)")
     data.add_argument("--val-per-class", type=int, default=6,
                       help="validation instances per class (default 6)")
-    data.add_argument("--size", type=int, default=128, help="canvas side in pixels")
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--size", type=int, default=128,
+                      help="canvas side in pixels (default 128)")
+    data.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
     data.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     data.add_argument("--allow-empty-groups", action="store_true",
                       help="detection: do not require every LVIS group to have classes")
     data.set_defaults(func=_data)
 
-    train = sub.add_parser("train", help="train a model from a configuration")
+    train = sub.add_parser("train", help="train a model from a configuration",
+                           formatter_class=raw, epilog_factory=_train_epilog,
+                           description="Train and evaluate a model: defaults, then the "
+                                       "--config file, then the --set overrides.")
     train.add_argument("task", choices=list(TASK_MODULES),
-                       help="cls: image classification, det: object detection, seg: semantic "
-                            "segmentation")
+                       help="; ".join(f"{t}: {n}" for t, n in TASK_NAMES.items()))
     train.add_argument("--config", help="YAML configuration file (defaults otherwise)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override, e.g. --set loss.tau=1.5 (repeatable)")
-    train.add_argument("--resume", action="store_true", help="continue the run's checkpoint")
-    train.add_argument("--overwrite", action="store_true", help="start the run again")
+    train.add_argument("--run", metavar="DIR",
+                       help="the run directory (instead of --set output_dir=... --set "
+                            "name=...); with --resume, the run to continue")
+    again = train.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run from its checkpoint, with its saved config.yaml")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start the run again, deleting its checkpoint and logs")
     train.set_defaults(func=_train)
 
-    ev = sub.add_parser("eval", help="evaluate a checkpoint")
-    ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev = sub.add_parser("eval", help="evaluate a checkpoint",
+                        description="Evaluate a checkpoint on its run's evaluation set (the "
+                                    "configuration saved in the checkpoint).")
+    ev.add_argument("--checkpoint", required=True, metavar="PATH",
+                    help="a run's checkpoint.pt, e.g. runs/NAME/checkpoint.pt")
+    ev.add_argument("--device", default="auto",
+                    help="cpu, cuda, cuda:1, ... (default auto: CUDA when available)")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override of the saved configuration, e.g. --set "
+                         "data.eval_batch_size=64 (repeatable)")
     ev.add_argument("--json", help="also write the metrics to this JSON file")
     ev.set_defaults(func=_eval)
 
     cmp_ = sub.add_parser("compare", help="table, plots and report across runs")
     cmp_.add_argument("runs", nargs="+", help="run directories")
-    cmp_.add_argument("--out", default="runs/compare")
+    cmp_.add_argument("--out", default="runs/compare",
+                      help="output directory of the table, plots and report.html (default "
+                           "runs/compare)")
     cmp_.set_defaults(func=_compare)
 
     plot = sub.add_parser("plot", help="plots and report for one run")
     plot.add_argument("run", help="run directory")
     plot.set_defaults(func=_plot)
     return parser
+
+
+def _interrupted(args) -> str:
+    """What to tell the user after Ctrl-C: where the checkpoint is and how to continue."""
+    run_dir = getattr(args, "run_dir", None)
+    if args.command not in ("train", "demo") or run_dir is None:
+        return "interrupted"
+    ckpt = Path(run_dir) / "checkpoint.pt"
+    task = getattr(args, "task", "cls")
+    if not ckpt.is_file():
+        return (f"interrupted before the run's first checkpoint; nothing to resume in "
+                f"{run_dir}")
+    text = (f"interrupted; the checkpoint is {ckpt}\ncontinue the run with: "
+            f"{_resume_command(task, Path(run_dir))}")
+    if args.command == "demo":
+        text += "\n(eqlosses demo itself starts all its runs again)"
+    return text
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -200,11 +433,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        hint = ("; training saves a checkpoint at the step it stops at: continue with --resume"
-                if args.command in ("train", "demo") else "")
-        print(f"\ninterrupted{hint}", file=sys.stderr)
+        print(f"\n{_interrupted(args)}", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
+    except ImportError as err:
+        print(f"eqlosses: error: {_import_message(err)}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"eqlosses: error: {err}", file=sys.stderr)
         return 2
 

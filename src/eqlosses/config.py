@@ -6,6 +6,10 @@ overrides (values parsed as YAML scalars: ``3``, ``0.5``, ``true``, ``null``, ``
 checks every key: an unknown key is an error that lists the valid ones. The ``loss`` section
 is open: besides ``name`` it takes the chosen loss's keyword arguments (``loss.tau=1.5``),
 which the loss itself validates when it is built.
+
+Resuming a run reads the run's own ``config.yaml`` (:func:`resume_config`): settings given
+again must agree with it, except the few in :data:`RESUME_MAY_CHANGE`, which only change where
+the run computes and what it prints or writes alongside.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Any, Dict, List, Optional, Union
 __all__ = ["DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "EvalConfig",
            "ClassificationConfig", "DetectionConfig", "SegmentationConfig", "CONFIGS",
            "ConfigError", "load_config", "apply_overrides", "to_dict", "from_dict",
-           "save_config", "validate"]
+           "save_config", "validate", "resume_config", "explicit_settings",
+           "RESUME_MAY_CHANGE", "RUN_LOCATION_KEYS"]
 
 
 class ConfigError(ValueError):
@@ -256,7 +261,8 @@ def _yaml():
     try:
         import yaml
     except ImportError:  # pragma: no cover - exercised without the extra only
-        raise ImportError("YAML configs need PyYAML: pip install 'eqlosses[cli]'") from None
+        raise ImportError("YAML configs need PyYAML, a dependency of eqlosses: "
+                          "pip install pyyaml") from None
     return yaml
 
 
@@ -379,7 +385,21 @@ def validate(cfg: AnyConfig) -> AnyConfig:
     if isinstance(cfg, ClassificationConfig) and cfg.eval.few_below > cfg.eval.many_above + 1:
         raise ConfigError(f"eval.few_below ({cfg.eval.few_below}) must not exceed "
                           f"eval.many_above + 1 ({cfg.eval.many_above + 1})")
+    _validate_loss(cfg)
     return cfg
+
+
+def _validate_loss(cfg: AnyConfig) -> None:
+    """The loss's name and arguments, checked against its declared traits for the task's head
+    (:func:`eqlosses.losses.check_loss_config`) before any data is loaded."""
+    from .losses import check_loss_config
+
+    arch = getattr(cfg.model, "arch", None) if cfg.task == "det" else None
+    try:
+        check_loss_config(cfg.task, cfg.loss.name, cfg.loss.kwargs, arch=arch)
+    except ValueError as err:
+        where = f" (model.arch={arch})" if arch else ""
+        raise ConfigError(f"loss{where}: {err}") from None
 
 
 def _config_for(task: Any, where: str) -> AnyConfig:
@@ -405,18 +425,23 @@ def from_dict(data: Dict[str, Any], cfg: Optional[AnyConfig] = None,
     return cfg
 
 
+def _parse_override(item: str, yaml: Any) -> tuple:
+    """``"section.key=value"`` -> (``["section", "key"]``, the value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key=value, e.g. loss.tau=1.5")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{item}': cannot parse the value: {err}") from None
+    return key.strip().split("."), value
+
+
 def apply_overrides(cfg: AnyConfig, overrides: List[str]) -> AnyConfig:
     """Apply ``section.key=value`` strings; values are parsed as YAML scalars."""
     yaml = _yaml()
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}': expected key=value, e.g. loss.tau=1.5")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override '{item}': cannot parse the value: {err}") from None
-        path = key.strip().split(".")
+        path, value = _parse_override(item, yaml)
         if path == ["task"] and value != cfg.task:
             raise ConfigError(f"override '{item}': the task is fixed by the command "
                               f"(this is a '{cfg.task}' configuration)")
@@ -425,11 +450,13 @@ def apply_overrides(cfg: AnyConfig, overrides: List[str]) -> AnyConfig:
 
 
 def load_config(path: Union[str, Path, None] = None, overrides: Optional[List[str]] = None,
-                task: Optional[str] = None) -> AnyConfig:
+                task: Optional[str] = None, check: bool = True) -> AnyConfig:
     """Defaults, then the YAML file (if any), then the overrides.
 
     ``task`` (``cls``, ``det`` or ``seg``) picks the configuration type; when None, the file's
     ``task`` key does (classification without one). A file of another task is an error.
+    Keys and types are always checked; ``check=False`` skips :func:`validate` (ranges and the
+    loss), for settings that only locate a run or are compared with a saved configuration.
     """
     data: Dict[str, Any] = {}
     if path is not None:
@@ -446,7 +473,8 @@ def load_config(path: Union[str, Path, None] = None, overrides: Optional[List[st
     cfg = _config_for(task, "load_config")
     if path is not None:
         from_dict(data, cfg, where=str(path))
-    return validate(apply_overrides(cfg, overrides or []))
+    cfg = apply_overrides(cfg, overrides or [])
+    return validate(cfg) if check else cfg
 
 
 def save_config(cfg: AnyConfig, path: Union[str, Path]) -> Path:
@@ -455,3 +483,158 @@ def save_config(cfg: AnyConfig, path: Union[str, Path]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(_yaml().safe_dump(to_dict(cfg), sort_keys=False))
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming a run from its saved configuration
+# --------------------------------------------------------------------------------------------
+
+#: keys a resumed run may change: where it computes and what it prints or writes alongside.
+#: None of them changes the model, the loss, the optimisation or the order of the samples.
+RESUME_MAY_CHANGE = ("device", "progress", "log_every", "stats_every",
+                     "checkpoint_every_steps", "tensorboard", "data.num_workers",
+                     "data.eval_batch_size")
+#: keys that say where a run is (``output_dir/name``): they locate it, nothing else
+RUN_LOCATION_KEYS = ("output_dir", "name")
+
+_MISSING = object()
+
+
+def _is_section(cfg: Any, path: List[str]) -> bool:
+    node = cfg
+    for key in path:
+        if not dataclasses.is_dataclass(node) or isinstance(node, LossConfig):
+            return False
+        node = getattr(node, key, None)
+    return dataclasses.is_dataclass(node)
+
+
+def _flatten(cfg: Any, path: List[str], value: Any, source: str, out: Dict[str, str]) -> None:
+    if isinstance(value, dict) and _is_section(cfg, path):
+        for key, sub in value.items():
+            _flatten(cfg, path + [str(key)], sub, source, out)
+    elif path:
+        out[".".join(path)] = source
+
+
+def explicit_settings(cfg: AnyConfig, path: Union[str, Path, None] = None,
+                      overrides: Optional[List[str]] = None) -> Dict[str, str]:
+    """The dotted keys that the file ``path`` and the ``overrides`` set (sections given as
+    mappings are flattened; ``model.options`` and the like count as one key), each mapped to
+    where it was set (the file, or the override itself). ``cfg`` tells sections apart."""
+    yaml = _yaml()
+    out: Dict[str, str] = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if isinstance(data, dict):
+            _flatten(cfg, [], data, str(path), out)
+    for item in overrides or []:
+        keys, value = _parse_override(item, yaml)
+        _flatten(cfg, keys, value, f"--set {item}", out)
+    return out
+
+
+def _get(cfg: Any, key: str) -> Any:
+    """The value at a dotted key (``_MISSING`` when the configuration has none)."""
+    path = key.split(".")
+    node = cfg
+    for i, part in enumerate(path):
+        rest = ".".join(path[i:])
+        if isinstance(node, LossConfig):
+            return node.name if rest == "name" else node.kwargs.get(rest, _MISSING)
+        if dataclasses.is_dataclass(node):
+            if part not in {f.name for f in dataclasses.fields(node)}:
+                return _MISSING
+            node = getattr(node, part)
+        elif isinstance(node, dict):
+            return node.get(rest, _MISSING)
+        else:
+            return _MISSING
+    return node
+
+
+def _loss_default(loss_name: str, key: str) -> Any:
+    """The default of the loss's keyword argument ``key`` (``_MISSING`` when unknown)."""
+    import inspect
+
+    try:
+        from .losses import LOSSES
+
+        param = inspect.signature(LOSSES[loss_name]).parameters.get(key)
+    except Exception:  # noqa: BLE001 - an unknown loss or signature: no default to compare
+        return _MISSING
+    if param is None or param.default is inspect.Parameter.empty:
+        return _MISSING
+    return param.default
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def resume_config(run_dir: Union[str, Path], given: AnyConfig,
+                  path: Union[str, Path, None] = None,
+                  overrides: Optional[List[str]] = None) -> AnyConfig:
+    """The configuration to resume the run in ``run_dir`` with: its own ``config.yaml``.
+
+    ``given`` is what the user configured now (``load_config(path, overrides)``). The keys
+    that ``path`` and ``overrides`` set must agree with the run's, except those in
+    :data:`RESUME_MAY_CHANGE`, which are applied, and :data:`RUN_LOCATION_KEYS`, which only
+    locate the run. A disagreement raises :class:`ConfigError` naming each key with both
+    values and how to proceed; so does a run directory without ``config.yaml`` or a run of
+    another task.
+    """
+    run_dir = Path(run_dir)
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"no run to resume in {run_dir}: {saved_path} does not exist")
+    yaml = _yaml()
+    try:
+        data = yaml.safe_load(saved_path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{saved_path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{saved_path}: expected a mapping at the top level, got "
+                          f"{type(data).__name__}")
+    task = data.get("task", "cls")
+    if task != given.task:
+        raise ConfigError(f"{run_dir} holds a '{task}' run, not a '{given.task}' one: resume "
+                          f"it with `eqlosses train {task} --resume --run {run_dir}`")
+    saved = from_dict(data, _config_for(task, str(saved_path)), where=str(saved_path))
+    conflicts, changes = [], []
+    for key, source in explicit_settings(given, path, overrides).items():
+        if key == "task" or key in RUN_LOCATION_KEYS:
+            continue
+        new, old = _get(given, key), _get(saved, key)
+        if key in RESUME_MAY_CHANGE:
+            changes.append((key, new, source))
+            continue
+        if old is _MISSING and key.startswith("loss."):
+            default = _loss_default(saved.loss.name, key[len("loss."):])
+            if default is not _MISSING and default == new:
+                continue
+            had = (f"no {key} (the loss's default {_show(default)} applied)"
+                   if default is not _MISSING else f"no {key}")
+        elif old is _MISSING:
+            had = f"no {key}"
+        elif old == new:
+            continue
+        else:
+            had = f"{key}={_show(old)}"
+        conflicts.append(f"{key}={_show(new)} (from {source}) but the run has {had}")
+    if conflicts:
+        raise ConfigError(
+            f"cannot resume {run_dir} with other settings than it was trained with: "
+            + "; ".join(conflicts) + f". To continue the run as it was, drop "
+            f"{'this setting' if len(conflicts) == 1 else 'these settings'} (the run's own "
+            f"{saved_path} is used); to train with them, start a new run under another name "
+            f"(--set name=NEW, or --run DIR), or start this one again with --overwrite "
+            f"instead of --resume. A resumed run may change only "
+            f"{', '.join(RESUME_MAY_CHANGE)}.")
+    for key, value, source in changes:
+        _set(saved, key.split("."), value, source)
+    return validate(saved)

@@ -89,15 +89,37 @@ def test_equalized_focal_losses_match_reference(golden, name):
         close(crit.class_terms()["ratio"], g["pos_neg"][s])
 
 
-def test_efl_reads_conv_layout_like_the_reference(golden):
-    """The per-level NCHW conv outputs flattened to rows give the golden row order."""
+def test_efl_on_conv_layout_outputs_matches_reference(golden):
+    """The reference's input as a dense head produces it, per-level NCHW conv outputs, turned
+    into rows (image-major, then level, then position) as a host does: loss, the gradient that
+    reaches each conv output, and the statistics equal the reference's at every step (its hooks
+    read the conv layout; the loss here reads only the rows it is given)."""
     g = golden("efl")
-    rows = []
-    for b in range(2):
-        for lvl in range(3):
-            x = torch.tensor(g[f"logits_lvl{lvl}"][0][b])  # [C, H, W]
-            rows.append(x.permute(1, 2, 0).reshape(-1, x.shape[0]))
-    close(torch.cat(rows), g["logits"][0], rtol=0, atol=0)
+    c = int(g["hp_num_classes_incl_bg"]) - 1
+    levels, images = int(g["hp_fpn_levels"]), int(g["hp_batch_images"])
+    crit = EqualizedFocalLoss(c, focal_gamma=float(g["hp_focal_gamma"]),
+                              scale_factor=float(g["hp_scale_factor"]),
+                              alpha=float(g["hp_focal_alpha"]))
+    for s in range(5):
+        convs = [torch.tensor(g[f"logits_lvl{lvl}"][s], requires_grad=True)
+                 for lvl in range(levels)]  # [B, C, H, W] each
+        rows = torch.cat([conv[b].permute(1, 2, 0).reshape(-1, c)
+                          for b in range(images) for conv in convs])
+        loss = crit(rows, _efl_targets(g["labels"][s], c),
+                    normalizer=torch.tensor(g["normalizer"][s]))
+        loss.backward()
+        close(loss, g["loss"][s])
+        start = 0
+        for b in range(images):  # the reference's row gradient, back in each conv's layout
+            for conv in convs:
+                h, w = conv.shape[2:]
+                block = torch.tensor(g["grad"][s][start:start + h * w])
+                close(conv.grad[b], block.reshape(h, w, c).permute(2, 0, 1))
+                start += h * w
+        assert start == g["grad"].shape[1]
+        close(crit.stats.pos_grad, g["pos_grad"][s])
+        close(crit.stats.neg_grad, g["neg_grad"][s])
+        close(crit.class_terms()["ratio"], g["pos_neg"][s])
 
 
 def test_softmax_eql_matches_reference(golden):

@@ -121,7 +121,7 @@ def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
     In each, the files may also be in torchvision's ``FashionMNIST/raw`` sub-directory.
     """
     if root is not None:
-        base, origin = Path(root), "root argument"
+        base, origin = Path(root), "data.root / root argument"
     elif os.environ.get(FASHION_MNIST_ENV):
         base, origin = Path(os.environ[FASHION_MNIST_ENV]), f"${FASHION_MNIST_ENV}"
     else:
@@ -135,10 +135,11 @@ def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
     raise FileNotFoundError(
         f"Fashion-MNIST not found in {base} ({origin}): {found}. Install it with "
         f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, files in "
-        f"{FASHION_MNIST_DEFAULT}), or download the four files from "
-        f"https://github.com/zalandoresearch/fashion-mnist and pass root=... or set "
-        f"{FASHION_MNIST_ENV} to their directory. The embedded long-tailed subset "
-        f"(eqlosses.data.load_embedded) needs no download.")
+        f"{FASHION_MNIST_DEFAULT}, found there by default), or download the four files from "
+        f"https://github.com/zalandoresearch/fashion-mnist and point to their directory: "
+        f"--set data.root=DIR on the eqlosses command line, root=DIR in Python, or "
+        f"${FASHION_MNIST_ENV}=DIR in the environment. The embedded long-tailed subset "
+        f"(data.name=embedded, the default; eqlosses.data.load_embedded) needs no download.")
 
 
 def load_fashion_mnist(root: str | os.PathLike | None = None, split: str = "train"
