@@ -144,10 +144,8 @@ def test_train_help_lists_the_losses_of_each_task_and_where_runs_go(capsys):
                 break
             first += " " + line
         lines[task] = set(first.replace(",", " ").split())
-    losses_for = getattr(eqlosses.losses, "losses_for", None)
-    if losses_for is not None:
-        for task in lines:
-            assert set(losses_for(task)) <= lines[task], task
+    for task in lines:
+        assert set(eqlosses.losses.losses_for(task)) <= lines[task], task
     assert {"softmax_eql", "balanced_softmax", "ce"} <= lines["cls"]
     assert {"sigmoid_eql", "efl", "eqfl", "seesaw"} <= lines["det"]
     assert "softmax_eql" in lines["seg"] and not {"seesaw", "eqfl"} & lines["seg"]

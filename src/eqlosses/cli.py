@@ -23,28 +23,13 @@ from typing import Callable, List, Optional
 __all__ = ["main", "build_parser"]
 
 DEMO_LOSSES = ("ce", "balanced_softmax", "softmax_eql", "sigmoid_eql")
-TASK_MODULES = {"cls": "classification", "det": "detection", "seg": "segmentation"}
 TASK_NAMES = {"cls": "image classification", "det": "object detection",
               "seg": "semantic segmentation"}
 
-#: what ``train --help`` lists when ``eqlosses.losses.losses_for`` is not available
-_STATIC_LOSSES = {
-    "cls": "ce, bce, focal, balanced_softmax, softmax_eql, sigmoid_eql, efl, eql, "
-           "eql_softmax, federated",
-    "det": "ce, bce, eql, sigmoid_eql, seesaw, federated (faster_rcnn, mask_rcnn); focal, "
-           "efl, eqfl (retinanet, fcos)",
-    "seg": "ce, balanced_softmax, softmax_eql, focal",
-}
-
-
 def _run_files() -> str:
     """The files of a run directory, as ``train --help`` describes them."""
-    try:
-        from .monitor import recorder
+    from .monitor.recorder import STATS_FILE as stats
 
-        stats = getattr(recorder, "STATS_FILE", "stats.jsonl")
-    except ImportError:
-        stats = "stats.jsonl"
     return ("config.yaml (the resolved configuration), checkpoint.pt (model, optimiser, loss "
             "statistics, sampler position, RNG states; every epoch and on Ctrl-C), log.jsonl "
             f"(training log), {stats} (per-class gradient statistics), metrics.json (final "
@@ -53,9 +38,9 @@ def _run_files() -> str:
 
 
 def _task_module(task: str):
-    from importlib import import_module
+    from .tasks.engine import task_module
 
-    return import_module(f".tasks.{TASK_MODULES[task]}", __package__)
+    return task_module(task)
 
 
 def _resume_command(task: str, run_dir: Path) -> str:
@@ -196,15 +181,10 @@ def _demo(args) -> int:
 def _eval(args) -> int:
     import json
 
-    from .tasks.common import load_checkpoint
+    from .tasks.engine import evaluate_checkpoint
     from .tasks.reporting import format_table
 
-    fmt = load_checkpoint(Path(args.checkpoint)).get("format", "")
-    task = {f"eqlosses-{t}-1": t for t in TASK_MODULES}.get(fmt)
-    if task is None:
-        raise ValueError(f"{args.checkpoint} is not an eqlosses checkpoint (format {fmt!r})")
-    metrics, cfg = _task_module(task).evaluate_checkpoint(Path(args.checkpoint), args.device,
-                                                          args.set)
+    metrics, cfg = evaluate_checkpoint(Path(args.checkpoint), args.device, args.set)
     print(format_table([{"name": Path(args.checkpoint).parent.name, "loss": cfg.loss.name,
                          "metrics": metrics}]))
     if args.json:
@@ -249,26 +229,17 @@ def _plot(args) -> int:
 
 
 def _losses_by_task() -> dict:
-    """Help lines: task (or detection head) -> the loss names that fit it, from
-    ``eqlosses.losses.losses_for`` when the package has it, else a fixed description."""
-    try:
-        from . import losses
+    """Help lines: task (and detection architectures) -> the loss names that fit, from the
+    losses' declared traits (:func:`eqlosses.losses.losses_for`)."""
+    from .losses import TASK_HEADS, losses_for
 
-        losses_for = getattr(losses, "losses_for", None)
-    except ImportError:  # torch missing: the help still shows
-        losses_for = None
-    if losses_for is None:
-        return dict(_STATIC_LOSSES)
     out = {}
-    for task in TASK_MODULES:
+    for task, heads in TASK_HEADS.items():
         out[task] = ", ".join(losses_for(task))
-        if task != "det":
-            continue
-        for head, models in (("roi", "faster_rcnn, mask_rcnn"), ("dense", "retinanet, fcos")):
-            try:
-                out[f"  {models}"] = ", ".join(losses_for(head))
-            except ValueError:  # a losses_for that knows tasks only
-                pass
+        if task == "det":
+            for head in dict.fromkeys(heads.values()):
+                archs = ", ".join(a for a, h in heads.items() if h == head)
+                out[f"  {archs}"] = ", ".join(losses_for(head))
     return out
 
 
@@ -368,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=raw, epilog_factory=_train_epilog,
                            description="Train and evaluate a model: defaults, then the "
                                        "--config file, then the --set overrides.")
-    train.add_argument("task", choices=list(TASK_MODULES),
+    train.add_argument("task", choices=list(TASK_NAMES),
                        help="; ".join(f"{t}: {n}" for t, n in TASK_NAMES.items()))
     train.add_argument("--config", help="YAML configuration file (defaults otherwise)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

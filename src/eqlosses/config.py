@@ -554,18 +554,14 @@ def _get(cfg: Any, key: str) -> Any:
 
 
 def _loss_default(loss_name: str, key: str) -> Any:
-    """The default of the loss's keyword argument ``key`` (``_MISSING`` when unknown)."""
-    import inspect
+    """The default of the loss's keyword argument ``key`` (``_MISSING`` when unknown), from
+    :func:`eqlosses.losses.default_hparams`."""
+    from .losses import default_hparams
 
     try:
-        from .losses import LOSSES
-
-        param = inspect.signature(LOSSES[loss_name]).parameters.get(key)
-    except Exception:  # noqa: BLE001 - an unknown loss or signature: no default to compare
+        return default_hparams(loss_name).get(key, _MISSING)
+    except ValueError:  # an unknown loss: no default to compare
         return _MISSING
-    if param is None or param.default is inspect.Parameter.empty:
-        return _MISSING
-    return param.default
 
 
 def _show(value: Any) -> str:

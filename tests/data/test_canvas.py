@@ -23,6 +23,7 @@ def small_det(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_default_populates_every_lvis_group(tmp_path):
     # The documented default: rare 1-10, common 11-100, frequent > 100 training images.
     spec = CanvasSpec()

@@ -22,6 +22,15 @@ def test_item_seed_is_the_same_in_every_process():
     assert values == {item_seed(3, 1, 42)}
 
 
+def test_item_seed_is_splitmix64():
+    # SplitMix64 (Steele, Lea, Flood 2014) seeded with 0 first outputs 0xE220A8397B1DCDAF,
+    # 0x6E789E6AA1B965F4: the published test vector, so the seeds are those of the algorithm
+    assert item_seed(0) == 0xE220A8397B1DCDAF >> 1
+    # chaining feeds each key into the next step: state = out ^ key (here out ^ out = 0 ...)
+    first = 0xE220A8397B1DCDAF
+    assert item_seed(0, first) == item_seed(0) and item_seed(0, 0) != item_seed(0)
+
+
 def test_item_seed_mixes_every_key_and_stays_in_range():
     seeds = {item_seed(s, e, i) for s in range(3) for e in range(3) for i in range(50)}
     assert len(seeds) == 3 * 3 * 50

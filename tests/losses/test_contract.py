@@ -47,10 +47,7 @@ def test_each_declared_head_builds_fits_and_trains(name, head):
     assert loss.num_channels == C + EXTRA_CHANNELS[convention]
     logits, targets, kwargs = _inputs(loss, head, g)
     logits.requires_grad_(True)
-    if head == "seg" and traits.pixels == "rows":
-        value = loss(logits, targets, **kwargs)  # pixels already as rows here
-    else:
-        value = loss(logits, targets, **kwargs)
+    value = loss(logits, targets, **kwargs)
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
     scores = loss.scores(logits.detach())
@@ -77,6 +74,58 @@ def test_declared_normalizer_and_quality_match_the_forward(name):
     if loss.traits.quality:
         with pytest.raises(TypeError):
             loss(logits, targets)
+
+
+@pytest.mark.parametrize("name", losses_for("seg"))
+def test_declared_pixel_layout_matches_the_forward(name):
+    """``pixels="native"`` losses take ``[B, C, H, W]`` and equal their rows form; ``"rows"``
+    losses refuse 4-D logits (the host flattens the pixels for them)."""
+    loss = build_loss_for("seg", name, C, STATS, ignore_index=255).eval()
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, C, 3, 4, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, C, (2, 3, 4), generator=g)
+    targets[0, 0, :2] = 255
+    rows = logits.permute(0, 2, 3, 1).reshape(-1, C), targets.reshape(-1)
+    if loss.traits.pixels == "native":
+        torch.testing.assert_close(loss(logits, targets), loss(*rows))
+    else:
+        with pytest.raises(ValueError, match=r"logits must have shape \[N, C\]"):
+            loss(logits, targets)
+        assert torch.isfinite(loss(*rows))
+
+
+def test_heads_refuse_reductions_they_cannot_host():
+    with pytest.raises(ValueError, match="needs reduction='mean'"):
+        check_loss_config("cls", "ce", {"reduction": "none"})
+    with pytest.raises(ValueError, match="needs reduction='mean'.*divides by it"):
+        check_loss_config("det", "focal", {"reduction": "sum"}, arch="retinanet")
+    with pytest.raises(ValueError, match="must be built with reduction='mean'"):
+        check_fits(build_loss("sigmoid_eql", C, reduction="sum"), "roi")
+
+
+def test_a_softmax_loss_does_not_fit_a_sigmoid_head():
+    traits = LossTraits("softmax", {"index": {}}, ("dense",))  # declares a head it cannot fit
+
+    class SoftDense(SquaredHingeLoss):
+        pass
+
+    SoftDense.traits = traits
+    with pytest.raises(ValueError, match="it is a softmax loss; this head scores with sigmoid"):
+        check_loss_args("dense", SoftDense, {})
+
+
+def test_background_of_picks_the_convention_the_head_feeds():
+    traits = LossTraits("sigmoid", {"none": {}, "index": {}}, ("cls", "dense"))
+    assert traits.background_of(0) == "none" and traits.background_of(0, "dense") == "index"
+    assert traits.background_of(1) is None
+
+
+def test_check_fits_says_how_to_build_the_loss_for_the_head():
+    with pytest.raises(ValueError, match="build it with background=False"):
+        check_fits(build_loss("ce", C, background=True), "cls")
+    with pytest.raises(ValueError, match="build it with objectness=False"):
+        check_fits(BCELoss(C, objectness=True, reduction="sum"), "dense")
+    check_fits(BCELoss(C, objectness=False), "roi")  # index: background rows, C channels
 
 
 def test_losses_for_each_head():
@@ -149,6 +198,7 @@ def test_stochastic_losses_get_the_generator_and_segmentation_the_ignore_label()
     ({"indicator": "both"}, "indicator must be one of 'pos', 'neg'"),
     ({"reduction": "avg"}, "reduction must be one of 'mean', 'sum', 'none'"),
     ({"ignore_index": 1.5}, "ignore_index must be an integer"),
+    ({"tau": float("inf")}, "tau must be a number >= 0, got inf"),
     ({"taus": 1.0}, "takes no argument 'taus'; its arguments: eps, ignore_index, indicator, "
                     "reduction, stats, tau"),
 ])

@@ -260,6 +260,7 @@ def test_missing_matplotlib_gives_the_install_hint(monkeypatch, tmp_path):
         plot_group_accuracy({"a": {"overall": 0.5}}, tmp_path / "g.png")
 
 
+@pytest.mark.slow
 def test_importing_the_package_does_not_import_matplotlib():
     code = ("import sys, eqlosses, eqlosses.metrics, eqlosses.monitor, eqlosses.monitor.plots; "
             "print('matplotlib' in sys.modules)")

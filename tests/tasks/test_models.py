@@ -11,6 +11,7 @@ def test_small_cnn_and_cosine_head():
     assert out.shape == (3, 7) and out.abs().max() <= 30.0 + 1e-4
 
 
+@pytest.mark.slow
 def test_resnet_for_small_grey_images_and_local_pretrained_weights(tmp_path):
     pytest.importorskip("torchvision")
     model = build_classifier("resnet18", 11, in_channels=1, image_size=28)

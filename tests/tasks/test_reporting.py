@@ -107,6 +107,7 @@ def test_a_crashed_run_gets_curves_statistics_and_a_note(tmp_path):
     assert "The gradient ratio of class j is P_j / N_j" in plain
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_says_how_to_continue(tmp_path):
     d = make_run(tmp_path, "stopped", finished=False, steps=25)
     with open(d / "log.jsonl", "a") as f:
@@ -116,6 +117,7 @@ def test_an_interrupted_run_says_how_to_continue(tmp_path):
     assert f"eqlosses train cls --resume --run {d}" in plain
 
 
+@pytest.mark.slow
 def test_a_finished_run_report(tmp_path):
     d = make_run(tmp_path, "done")
     text, plain = html_of(report_run(d))
@@ -141,6 +143,7 @@ def test_the_task_comes_from_config_yaml(tmp_path):
     assert task_of({"metrics": {"miou": 0.5}}) == "seg"  # old runs: guessed from the metrics
 
 
+@pytest.mark.slow
 def test_an_old_run_without_config_and_with_stats_jsonl(tmp_path):
     d = make_run(tmp_path, "old", config=False, stats="jsonl")
     (d / "log.jsonl").unlink()
@@ -160,6 +163,7 @@ def test_a_run_that_just_started(tmp_path):
     assert "No results yet." in plain and "<figure>" not in text
 
 
+@pytest.mark.slow
 def test_damaged_files_become_notes(tmp_path):
     d = make_run(tmp_path, "damaged")
     (d / "metrics.json").write_text('{"name": "damaged", "metr')
@@ -178,6 +182,7 @@ def test_not_a_run_directory(tmp_path):
         report_run(tmp_path / "empty")
 
 
+@pytest.mark.slow
 def test_compare_runs_with_ratio_evolution_and_settings(tmp_path):
     a = make_run(tmp_path, "eql_a", lr=0.05)
     b = make_run(tmp_path, "eql_b", lr=0.1)

@@ -82,7 +82,7 @@ def test_eval_checkpoint_and_clear_errors(tmp_path, canvas):
         seg.train(_cfg(tmp_path, canvas, "data.name=ade20k", f"data.root={tmp_path}/none",
                        name="bad2"))
     with pytest.raises(ValueError, match="not an eqlosses 'seg' checkpoint"):
-        seg.evaluate_checkpoint(_cls_checkpoint(tmp_path), device="cpu", task="seg")
+        seg.evaluate_checkpoint(_cls_checkpoint(tmp_path), device="cpu")
 
 
 def _cls_checkpoint(tmp_path):

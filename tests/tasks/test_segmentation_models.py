@@ -41,6 +41,7 @@ def test_logits_at_input_resolution_and_a_training_step(arch, backbone):
         assert model(torch.randn(1, 3, 48, 80)).shape == (1, 6, 48, 80)  # any size, batch 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["deeplabv3", "fcn"])
 def test_aux_head_and_output_stride_of_resnet18(arch):
     model = build_segmenter(arch, 4, "resnet18", aux_loss=True)
@@ -86,6 +87,7 @@ def test_same_network_as_torchvision_builders(ours, theirs):
         assert torch.allclose(model(x), ref(x)["out"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resnet50_keys_match_torchvision():
     from torchvision.models import segmentation
 
@@ -137,6 +139,7 @@ def test_head_of_another_class_count_is_skipped_with_a_warning(tmp_path):
         build_segmenter("fcn", 3, "resnet18", pretrained=str(tmp_path / "bad.pt"))
 
 
+@pytest.mark.slow
 def test_backbone_from_a_classification_checkpoint(tmp_path):
     resnet = tv.models.resnet18(weights=None)
     torch.save(resnet.state_dict(), tmp_path / "r18.pt")  # has fc.*, which is not used

@@ -7,8 +7,8 @@ from .base import GradientDrivenLoss, LongTailLoss
 from .contract import HEADS, ClassStatistics, LossTraits, Param
 from .focal import EqualizedFocalLoss, EqualizedQualityFocalLoss, FocalLoss
 from .registry import (LOSSES, TASK_HEADS, build_loss, build_loss_for, check_fits,
-                       check_loss_args, check_loss_config, head_for, loss_class, losses_for,
-                       register_loss)
+                       check_loss_args, check_loss_config, default_hparams, head_for,
+                       loss_class, losses_for, register_loss)
 from .seesaw import SeesawLoss
 from .sigmoid import BCELoss, EQLLoss, FederatedLoss
 from .sigmoid_eql import SigmoidEQLLoss
@@ -16,7 +16,8 @@ from .softmax import BalancedSoftmaxLoss, CrossEntropyLoss, EQLSoftmaxLoss, Soft
 
 __all__ = [
     "LOSSES", "HEADS", "TASK_HEADS", "build_loss", "build_loss_for", "check_fits",
-    "check_loss_args", "check_loss_config", "head_for", "loss_class", "losses_for",
+    "check_loss_args", "check_loss_config", "default_hparams", "head_for", "loss_class",
+    "losses_for",
     "register_loss", "ClassStatistics", "LossTraits", "Param", "LongTailLoss",
     "GradientDrivenLoss", "BCELoss", "BalancedSoftmaxLoss", "CrossEntropyLoss", "EQLLoss",
     "EQLSoftmaxLoss", "EqualizedFocalLoss", "EqualizedQualityFocalLoss", "FederatedLoss",

@@ -78,6 +78,14 @@ class Head:
     #: the host divides by the positives itself (losses without a ``normalizer`` argument
     #: must then be built with ``reduction="sum"``)
     normalised: bool = False
+    #: activations the host can score and train with
+    activations: Tuple[str, ...] = ("sigmoid", "softmax")
+
+    def reduction_for(self, traits: "LossTraits") -> str:
+        """The reduction a loss with ``traits`` must use here: ``"mean"`` (a scalar the host
+        adds to its other terms), or ``"sum"`` on a normalised head for a loss that takes no
+        normaliser (the host divides the sum)."""
+        return "sum" if self.normalised and not traits.normalizer else "mean"
 
 
 HEADS: Dict[str, Head] = {
@@ -88,7 +96,7 @@ HEADS: Dict[str, Head] = {
                 ("column", "two_columns", "index")),
     "dense": Head("a one-stage dense head (RetinaNet, FCOS): C sigmoid channels per anchor, "
                   "background anchors, normalised by the positives", ("index",),
-                  provides_quality=True, normalised=True),
+                  provides_quality=True, normalised=True, activations=("sigmoid",)),
 }
 
 
@@ -175,7 +183,7 @@ class Param:
             if self.high is not None and (number > self.high
                                           or (self.high_open and number == self.high)):
                 raise bad()
-            if math.isinf(number) and self.low is None and self.high is None:
+            if math.isinf(number):
                 raise bad()
             return int(value) if self.kind is int else number
         if self.kind is str:
@@ -273,12 +281,13 @@ class LossTraits:
         params.setdefault("ignore_index", IGNORE_INDEX)
         return params
 
-    def background_of(self, extra_channels: int) -> Optional[str]:
-        """The convention of an instance with ``extra_channels`` channels beyond ``C``."""
-        for name in self.backgrounds:
-            if EXTRA_CHANNELS[name] == extra_channels:
-                return name
-        return None
+    def background_of(self, extra_channels: int, head: Optional[str] = None) -> Optional[str]:
+        """The convention of an instance with ``extra_channels`` channels beyond ``C``: among
+        the declared ones with that many channels, the first ``head`` accepts (when given),
+        else the first declared."""
+        matching = [n for n in self.backgrounds if EXTRA_CHANNELS[n] == extra_channels]
+        accepted = [n for n in matching if head is None or n in HEADS[head].backgrounds]
+        return (accepted or matching or [None])[0]
 
     def background_for(self, head: str, kwargs: Mapping[str, Any]) -> Optional[str]:
         """The convention a loss built with ``kwargs`` for ``head`` uses: the head's most

@@ -18,7 +18,7 @@ from .softmax import BalancedSoftmaxLoss, CrossEntropyLoss, EQLSoftmaxLoss, Soft
 
 __all__ = ["LOSSES", "TASK_HEADS", "register_loss", "loss_class", "build_loss",
            "build_loss_for", "check_loss_args", "check_loss_config", "check_fits",
-           "losses_for", "head_for"]
+           "losses_for", "head_for", "default_hparams"]
 
 #: registry name -> loss class (add your own with :func:`register_loss`)
 LOSSES: Dict[str, Type[nn.Module]] = {
@@ -151,6 +151,9 @@ def _unfit_reason(cls: Type[nn.Module], head: str,
     spec = HEADS[head]
     if head not in traits.heads:
         return f"it declares the heads {', '.join(traits.heads)} only"
+    if traits.activation not in spec.activations:
+        return (f"it is a {traits.activation} loss; this head scores with "
+                f"{' or '.join(spec.activations)}")
     if traits.quality and not spec.provides_quality:
         return f"it needs a quality target per row, which {spec.description} does not provide"
     if kwargs is not None and traits.background_for(head, kwargs) is None:
@@ -185,9 +188,30 @@ def check_loss_args(head: str, name: LossSpec, kwargs: Mapping[str, Any],
     ValueError: loss 'softmax_eql' does not fit the roi head (a two-stage (R-CNN) box classifier, whose background RoIs have target C): it declares the heads cls, seg only; losses that fit: bce, ce, eql, eql_softmax, federated, seesaw, sigmoid_eql
     """
     _check_head(head)
-    cls = loss_class(name)
+    cls = _checked_kwargs(name, kwargs, from_config)
     traits: LossTraits = cls.traits  # type: ignore[attr-defined]
-    params = traits.all_params()
+    reason = _unfit_reason(cls, head, kwargs)
+    if reason is not None:
+        raise ValueError(f"loss {_name_of(name)!r} does not fit {_head_text(head)}: "
+                         f"{reason}; {_fitting_message(head)}")
+    required = HEADS[head].reduction_for(traits)
+    if "reduction" in traits.params and kwargs.get("reduction", required) != required:
+        raise ValueError(f"loss {_name_of(name)!r} on {_head_text(head)} needs "
+                         f"reduction={required!r} ({_REDUCTION_WHY[required]}), got "
+                         f"reduction={kwargs['reduction']!r}")
+    return cls
+
+
+_REDUCTION_WHY = {"mean": "the host adds one scalar per term; a loss with a normaliser "
+                          "divides by it",
+                  "sum": "it takes no normaliser; the head divides the sum by the positives"}
+
+
+def _checked_kwargs(name: LossSpec, kwargs: Mapping[str, Any],
+                    from_config: bool = False) -> Type[nn.Module]:
+    """The loss class, after checking that it takes ``kwargs`` with valid values."""
+    cls = loss_class(name)
+    params = cls.traits.all_params()  # type: ignore[attr-defined]
     unknown = [k for k in kwargs if k not in params]
     if unknown:
         valid = [k for k, p in params.items() if p.config or not from_config]
@@ -199,15 +223,6 @@ def check_loss_args(head: str, name: LossSpec, kwargs: Mapping[str, Any],
             raise ValueError(f"loss argument {key!r} of {cls.__name__} cannot be given in a "
                              f"configuration (it is an object built in code)")
         params[key].check(key, value, cls.__name__)
-    reason = _unfit_reason(cls, head, kwargs)
-    if reason is not None:
-        raise ValueError(f"loss {_name_of(name)!r} does not fit {_head_text(head)}: "
-                         f"{reason}; {_fitting_message(head)}")
-    if HEADS[head].normalised and not traits.normalizer and \
-            kwargs.get("reduction", "sum") != "sum":
-        raise ValueError(f"loss {_name_of(name)!r} on {_head_text(head)} must sum "
-                         f"(reduction='sum'; the head divides by the positives), got "
-                         f"reduction={kwargs['reduction']!r}")
     return cls
 
 
@@ -227,16 +242,7 @@ def build_loss(name: LossSpec, num_classes: int, **kwargs: Any) -> nn.Module:
     >>> build_loss("sigmoid_eql", 5).num_channels
     6
     """
-    cls = loss_class(name)
-    params = cls.traits.all_params()  # type: ignore[attr-defined]
-    unknown = [k for k in kwargs if k not in params]
-    if unknown:
-        raise ValueError(f"loss {_name_of(name)!r} ({cls.__name__}) takes no argument "
-                         f"{', '.join(map(repr, unknown))}; its arguments: "
-                         f"{', '.join(sorted(params))}")
-    for key, value in kwargs.items():
-        params[key].check(key, value, cls.__name__)
-    return cls(num_classes, **kwargs)
+    return _checked_kwargs(name, kwargs)(num_classes, **kwargs)
 
 
 def build_loss_for(head: str, name: LossSpec, num_classes: int,
@@ -286,8 +292,8 @@ def build_loss_for(head: str, name: LossSpec, num_classes: int,
         kwargs.setdefault("generator", generator)
     if ignore_index is not None:
         kwargs.setdefault("ignore_index", ignore_index)
-    if HEADS[head].normalised and not traits.normalizer:
-        kwargs.setdefault("reduction", "sum")
+    if "reduction" in traits.params:
+        kwargs.setdefault("reduction", HEADS[head].reduction_for(traits))
     return cls(num_classes, **kwargs)
 
 
@@ -299,7 +305,7 @@ def check_fits(loss: nn.Module, head: str, num_classes: Optional[int] = None) ->
     >>> check_fits(CrossEntropyLoss(3), "roi")
     Traceback (most recent call last):
     ...
-    ValueError: CrossEntropyLoss(background=False) does not fit the roi head (a two-stage (R-CNN) box classifier, whose background RoIs have target C): it has no background convention the head feeds (its convention: none; the head feeds column, two_columns, index); build it for the head with eqlosses.losses.build_loss_for('roi', ...) (e.g. ce gets background=True); losses that fit: bce, ce, eql, eql_softmax, federated, seesaw, sigmoid_eql
+    ValueError: CrossEntropyLoss(background=False) does not fit the roi head (a two-stage (R-CNN) box classifier, whose background RoIs have target C): it has no background convention the head feeds (its convention: none; the head feeds column, two_columns, index); build it with background=True, or with eqlosses.losses.build_loss_for('roi', ...), which chooses for the head; losses that fit: bce, ce, eql, eql_softmax, federated, seesaw, sigmoid_eql
     """
     _check_head(head)
     missing = [a for a in ("traits", "num_classes", "num_channels", "ignore_index", "scores")
@@ -319,20 +325,43 @@ def check_fits(loss: nn.Module, head: str, num_classes: Optional[int] = None) ->
         raise ValueError(f"{shown} does not fit {_head_text(head)}: {reason}; "
                          f"{_fitting_message(head)}")
     extra = int(loss.num_channels) - int(loss.num_classes)
-    convention = traits.background_of(extra)
+    convention = traits.background_of(extra, head)
     if convention not in HEADS[head].backgrounds:
+        wanted = traits.backgrounds[traits.background_for(head, {})]  # type: ignore[index]
+        how = ", ".join(f"{k}={v!r}" for k, v in wanted.items())
         raise ValueError(f"{shown} does not fit {_head_text(head)}: it has no "
                          f"background convention the head feeds (its convention: "
                          f"{convention or f'{extra} extra channels'}; the head feeds "
-                         f"{', '.join(HEADS[head].backgrounds)}); build it for the head with "
-                         f"eqlosses.losses.build_loss_for({head!r}, ...) (e.g. ce gets "
-                         f"background=True); {_fitting_message(head)}")
-    if HEADS[head].normalised and not traits.normalizer and \
-            getattr(loss, "reduction", None) != "sum":
+                         f"{', '.join(HEADS[head].backgrounds)}); build it with {how}, or "
+                         f"with eqlosses.losses.build_loss_for({head!r}, ...), which chooses "
+                         f"for the head; {_fitting_message(head)}")
+    required = HEADS[head].reduction_for(traits)
+    reduction = getattr(loss, "reduction", required)
+    if "reduction" in traits.params and reduction != required:
         raise ValueError(f"{shown} on {_head_text(head)} must be built with "
-                         f"reduction='sum' (it takes no normalizer; the head divides the sum "
-                         f"by the positives), got reduction={getattr(loss, 'reduction', None)!r}")
+                         f"reduction={required!r} ({_REDUCTION_WHY[required]}), got "
+                         f"reduction={reduction!r}")
     return traits
+
+
+def default_hparams(name: LossSpec) -> Dict[str, Any]:
+    """The hyper-parameters a loss takes when they are not given (read from an instance
+    built for one class with placeholder statistics), e.g. to compare a configuration with
+    what a run used.
+
+    >>> default_hparams("softmax_eql")["tau"]
+    1.0
+    """
+    import warnings
+
+    cls = loss_class(name)
+    traits: LossTraits = cls.traits  # type: ignore[attr-defined]
+    placeholders = {arg: torch.ones(1) for arg in traits.statistics}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. EQL's "no rare class" for the placeholder
+        loss = cls(1, **placeholders)
+    names = list(traits.params) + ["ignore_index"]
+    return {k: getattr(loss, k) for k in names if hasattr(loss, k)}
 
 
 def _describe(loss: nn.Module, traits: LossTraits) -> str:

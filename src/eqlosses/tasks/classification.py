@@ -21,7 +21,7 @@ from ..config import ClassificationConfig, LossConfig
 from ..data.seeding import SeededDataset
 from ..data.frequency import FrequencyGroups, class_counts, many_medium_few_groups
 from ..losses import ClassStatistics, LongTailLoss, build_loss_for
-from .engine import (Job, amp_dtype, evaluate_checkpoint, evaluation_loader, run_dir_for,
+from .engine import (Job, amp_dtype, evaluate_checkpoint_of, evaluation_loader, run_dir_for,
                      train)
 from .models import build_classifier
 
@@ -30,6 +30,9 @@ __all__ = ["ClassificationData", "SeededAugment", "build_data", "build_criterion
 
 #: the default run name (``output_dir/<name>``), formatted with the configuration
 RUN_NAME = "cls-{cfg.data.name}-{cfg.loss.name}-seed{cfg.seed}"
+
+#: evaluate a checkpoint of this task (refuses those of another task)
+evaluate_checkpoint = evaluate_checkpoint_of("cls")
 
 # --------------------------------------------------------------------------------------------
 # Data

@@ -1,9 +1,9 @@
 """Long-tailed object detection: LVIS-format data, detectors trained by any loss, LVIS AP.
 
 ``build_job(cfg)`` builds the data (the generated canvas benchmark, or LVIS / COCO files),
-the classification loss (Sigmoid-EQL, EQL, BCE, CE, Seesaw, federated for the R-CNN box
-classifier; focal, EFL, EQFL for RetinaNet / FCOS) and the detector that the loss is injected
-into (:mod:`eqlosses.tasks.detection_models`); ``train(cfg)`` hands them to the shared loop
+the classification loss (any loss whose declared traits fit the head: ``losses_for("roi")``
+for the R-CNN box classifier, e.g. Sigmoid-EQL, CE, Seesaw; ``losses_for("dense")`` for
+RetinaNet / FCOS, e.g. focal, EFL, EQFL) and the detector that the loss is injected into (:mod:`eqlosses.tasks.detection_models`); ``train(cfg)`` hands them to the shared loop
 :func:`eqlosses.tasks.engine.fit`. Evaluation follows the LVIS protocol (score threshold
 1e-4, 300 detections per image, per-class NMS) and reports AP, AP50, AP75, AP_r, AP_c, AP_f
 for boxes (and masks with Mask R-CNN) with faster-coco-eval; every rank evaluates its own
@@ -26,7 +26,7 @@ from ..data.lvis import collate_detection
 from ..data.seeding import SeededDataset
 from ..losses import ClassStatistics, LongTailLoss, build_loss_for, head_for
 from .common import ensure_canvas
-from .engine import (Job, amp_dtype, evaluate_checkpoint, evaluation_loader, run_dir_for,
+from .engine import (Job, amp_dtype, evaluate_checkpoint_of, evaluation_loader, run_dir_for,
                      train)
 
 __all__ = ["DetectionData", "SeededFlip", "build_data", "build_criterion", "build_job",
@@ -35,6 +35,9 @@ __all__ = ["DetectionData", "SeededFlip", "build_data", "build_criterion", "buil
 #: the default run name (``output_dir/<name>``), formatted with the configuration
 RUN_NAME = ("det-{cfg.data.name}-{cfg.model.arch}-{cfg.loss.name}-{cfg.data.sampler}-"
             "seed{cfg.seed}")
+
+#: evaluate a checkpoint of this task (refuses those of another task)
+evaluate_checkpoint = evaluate_checkpoint_of("det")
 
 
 @dataclass

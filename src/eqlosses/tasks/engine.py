@@ -40,7 +40,7 @@ from .common import (JsonlLog, Progress, init_distributed, load_checkpoint, mayb
 __all__ = ["Job", "TrainState", "StopRequest", "build_optimizer", "build_schedule",
            "amp_dtype", "train_one_epoch", "prepare_run", "fit", "check_checkpoint",
            "TASK_MODULES", "task_module", "run_dir_for", "train", "evaluate_checkpoint",
-           "evaluation_loader"]
+           "evaluate_checkpoint_of", "evaluation_loader"]
 
 #: a training step: (model, batch) -> (loss, samples in the batch, extra values to log)
 StepFn = Callable[[nn.Module, Any], Tuple[torch.Tensor, int, Dict[str, torch.Tensor]]]
@@ -229,11 +229,13 @@ def prepare_run(cfg, run_dir: Path, resume: bool, overwrite: bool) -> torch.devi
 
 
 def _layout(cfg, job: Job) -> Dict[str, Any]:
-    """What fixes the order of the samples: resuming needs all of it unchanged."""
+    """What fixes the order of the samples: resuming needs all of it unchanged (``seeding``
+    names how loaders and augmentation are seeded: runs saved before ``item_seed`` replaced
+    ``hash`` would continue with other samples, so they are refused)."""
     d = cfg.data
     return {"batch_size": d.batch_size, "world_size": distributed.world_size(),
             "sampler": d.sampler, "rfs_threshold": d.rfs_threshold, "seed": cfg.seed,
-            "epochs": cfg.optim.epochs, **job.layout}
+            "epochs": cfg.optim.epochs, "seeding": "item_seed", **job.layout}
 
 
 def _per_rank(value: Any) -> list:
@@ -458,6 +460,19 @@ def evaluate_checkpoint(path: Path, device: str = "auto", overrides: Optional[li
     job.model.load_state_dict(ckpt["model"])
     job.criterion.load_state_dict(ckpt["criterion"])
     return job.evaluate(), cfg
+
+
+def evaluate_checkpoint_of(task: str) -> Callable[..., Tuple[Dict[str, Any], Any]]:
+    """:func:`evaluate_checkpoint` bound to ``task``: what each task module exports as its
+    ``evaluate_checkpoint(path, device="auto", overrides=None)``."""
+    def evaluate_task_checkpoint(path: Path, device: str = "auto",
+                                 overrides: Optional[list] = None) -> Tuple[Dict[str, Any], Any]:
+        return evaluate_checkpoint(path, device, overrides, task=task)
+
+    evaluate_task_checkpoint.__doc__ = (f"Evaluate a '{task}' checkpoint on its configured "
+                                        f"evaluation set: :func:`eqlosses.tasks.engine."
+                                        f"evaluate_checkpoint` with ``task='{task}'``.")
+    return evaluate_task_checkpoint
 
 
 def evaluation_loader(model: nn.Module, dataset: Dataset, batch_size: int, num_workers: int = 0,

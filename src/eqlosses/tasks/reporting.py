@@ -32,11 +32,8 @@ def _read_config(run_dir: Path, notes: List[str]) -> Optional[Dict[str, Any]]:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return None
-    try:
-        import yaml
-    except ImportError:
-        notes.append("config.yaml was not read: it needs PyYAML (pip install eqlosses[cli]).")
-        return None
+    import yaml  # a dependency of the package
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:

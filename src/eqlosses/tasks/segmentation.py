@@ -21,10 +21,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .. import distributed
 from ..config import LossConfig, SegmentationConfig
 from ..losses import ClassStatistics, LongTailLoss, build_loss_for
 from .common import ensure_canvas
-from .engine import (Job, amp_dtype, evaluate_checkpoint, evaluation_loader, run_dir_for,
+from .engine import (Job, amp_dtype, evaluate_checkpoint_of, evaluation_loader, run_dir_for,
                      train)
 
 __all__ = ["SegmentationData", "build_data", "build_criterion", "build_job", "evaluate",
@@ -32,6 +33,9 @@ __all__ = ["SegmentationData", "build_data", "build_criterion", "build_job", "ev
 
 #: the default run name (``output_dir/<name>``), formatted with the configuration
 RUN_NAME = "seg-{cfg.data.name}-{cfg.model.arch}-{cfg.loss.name}-seed{cfg.seed}"
+
+#: evaluate a checkpoint of this task (refuses those of another task)
+evaluate_checkpoint = evaluate_checkpoint_of("seg")
 
 
 @dataclass
@@ -75,14 +79,20 @@ def build_data(cfg: SegmentationConfig) -> SegmentationData:
 
 
 def build_criterion(loss_cfg: LossConfig, num_classes: int, pixel_counts: torch.Tensor,
-                    ignore_index: int) -> LongTailLoss:
+                    ignore_index: int, generator: Optional[torch.Generator] = None
+                    ) -> LongTailLoss:
     """The per-pixel loss (head ``seg``) by :func:`eqlosses.losses.build_loss_for`, with the
     data's ignore label and the training pixel counts for the statistics it declares (e.g.
     balanced softmax's prior)."""
+    kwargs = dict(loss_cfg.kwargs)
+    if kwargs.setdefault("ignore_index", ignore_index) != ignore_index:
+        raise ValueError(f"loss.ignore_index={kwargs['ignore_index']} differs from the data's "
+                         f"ignore label data.ignore_index={ignore_index}; set "
+                         f"data.ignore_index (the loss takes it from there)")
     counts = pixel_counts.to(torch.float64)
     statistics = ClassStatistics(counts, total=max(float(counts.sum()), 1.0), unit="pixels")
-    return build_loss_for("seg", loss_cfg.name, num_classes, statistics,
-                          ignore_index=ignore_index, **loss_cfg.kwargs)
+    return build_loss_for("seg", loss_cfg.name, num_classes, statistics, generator=generator,
+                          **kwargs)
 
 
 def _pixel_rows(logits: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor,
@@ -139,8 +149,10 @@ def build_job(cfg: SegmentationConfig, device: torch.device) -> Job:
     from .segmentation_models import build_segmenter
 
     data = build_data(cfg)
+    # Stochastic losses draw from their own generator (per rank), saved in checkpoints.
+    generator = torch.Generator(device).manual_seed(cfg.seed * 7919 + distributed.rank())
     criterion = build_criterion(cfg.loss, data.num_classes, data.pixel_counts,
-                                cfg.data.ignore_index).to(device)
+                                cfg.data.ignore_index, generator).to(device)
     m = cfg.model
     model = build_segmenter(m.arch, criterion.num_channels, m.backbone, m.pretrained,
                             m.pretrained_backbone, **m.options).to(device)
@@ -167,5 +179,6 @@ def build_job(cfg: SegmentationConfig, device: torch.device) -> Job:
                layout={"data": d.name, "root": str(d.root), "augment": d.augment,
                        "crop_size": d.crop_size},
                start_info={"train_pixel_counts": pixels},
+               loss_generator=generator,
                result_info={"train_counts": pixels, "count_unit": "pixels",
                             "class_names": data.class_names})

@@ -13,7 +13,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-from ...losses import check_fits, head_for
+from ...losses import TASK_HEADS, check_fits, head_for
 from ..common import load_weights_file
 from .backbones import BACKBONES, build_detection_backbone
 from .dense_heads import LossFCOS, LossFCOSHead, LossRetinaNet, LossRetinaNetHead
@@ -21,9 +21,9 @@ from .roi_heads import LossBoxPredictor, LossRoIHeads
 
 __all__ = ["ARCHS", "build_detector", "detection_loss"]
 
-ARCHS = ("faster_rcnn", "mask_rcnn", "retinanet", "fcos")
-
-_TWO_STAGE = ("faster_rcnn", "mask_rcnn")
+#: the architectures, and the head (``roi`` or ``dense``) whose loss each hosts
+ARCHS = tuple(TASK_HEADS["det"])
+_TWO_STAGE = tuple(arch for arch, head in TASK_HEADS["det"].items() if head == "roi")
 
 #: default anchor sizes per pyramid level: (two-stage, dense)
 _ANCHORS = {
