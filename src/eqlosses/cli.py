@@ -412,6 +412,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"eqlosses: error: {err}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as err:  # a full disk, a peer process that died
+        common = sys.modules.get("eqlosses.tasks.common")  # only it raises these two
+        if common is None or not isinstance(err, (common.CheckpointWriteError,
+                                                  common.CollectiveError)):
+            raise
+        print(f"eqlosses: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -114,6 +114,9 @@ class RunConfig:
     checkpoint_every_steps: int = 0
     tensorboard: bool = True
     progress: bool = True
+    #: seconds the processes of a multi-process run wait for each other in a collective
+    #: (and at start-up) before failing with a clear error: a peer that died or hangs
+    dist_timeout: float = 1800.0
 
 
 @dataclass
@@ -344,7 +347,7 @@ def _check_type(annotation: Any, value: Any, where: str) -> Any:
 #: (section, key) -> (lowest allowed value, whether the bound is inclusive)
 _LOWER_BOUNDS = {
     ("", "log_every"): (1, True), ("", "stats_every"): (1, True),
-    ("", "checkpoint_every_steps"): (0, True),
+    ("", "checkpoint_every_steps"): (0, True), ("", "dist_timeout"): (0, False),
     ("data", "batch_size"): (1, True), ("data", "eval_batch_size"): (1, True),
     ("data", "num_workers"): (0, True), ("data", "imbalance"): (1, True),
     ("data", "n_max"): (1, True), ("data", "rfs_threshold"): (0, False),
@@ -492,8 +495,8 @@ def save_config(cfg: AnyConfig, path: Union[str, Path]) -> Path:
 #: keys a resumed run may change: where it computes and what it prints or writes alongside.
 #: None of them changes the model, the loss, the optimisation or the order of the samples.
 RESUME_MAY_CHANGE = ("device", "progress", "log_every", "stats_every",
-                     "checkpoint_every_steps", "tensorboard", "data.num_workers",
-                     "data.eval_batch_size")
+                     "checkpoint_every_steps", "tensorboard", "dist_timeout",
+                     "data.num_workers", "data.eval_batch_size")
 #: keys that say where a run is (``output_dir/name``): they locate it, nothing else
 RUN_LOCATION_KEYS = ("output_dir", "name")
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import pickle
 import random
+import re
+import shlex
 import sys
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -18,9 +24,20 @@ from torch import nn
 
 from .. import distributed
 
-__all__ = ["resolve_device", "init_distributed", "seed_everything", "rng_state",
-           "set_rng_state", "save_checkpoint", "load_checkpoint", "JsonlLog", "Progress",
+__all__ = ["resolve_device", "init_distributed", "collective_errors", "CollectiveError",
+           "seed_everything", "rng_state", "set_rng_state", "save_checkpoint",
+           "load_checkpoint", "CheckpointWriteError", "JsonlLog", "Progress",
            "maybe_tensorboard", "truncate_jsonl", "ensure_canvas", "load_weights_file"]
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, I/O error); the previous
+    checkpoint is intact. ``errno`` is the underlying error's."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective operation of a multi-process run failed or timed out: another process
+    stopped or is stuck."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,11 +55,58 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def init_distributed(device: torch.device) -> None:
+def init_distributed(device: torch.device, timeout_s: Optional[float] = None) -> None:
     """Start the default process group when launched by torchrun (WORLD_SIZE > 1): NCCL on
-    GPUs, gloo on the CPU. A single process needs nothing."""
+    GPUs, gloo on the CPU. A single process needs nothing.
+
+    ``timeout_s`` (the configuration's ``dist_timeout``; None: torch's default, 30 min) bounds
+    how long the rendezvous and every collective wait for the other processes. When one
+    process dies or hangs, the others do not wait forever: with gloo the blocked collective
+    raises after at most ``timeout_s`` (at once when the peer's connection closes), and
+    :func:`collective_errors` turns that into a :class:`CollectiveError` saying so; with NCCL
+    torch's watchdog aborts the process after ``timeout_s``. The timeout must exceed the
+    longest time one process works alone while the others wait (rank 0 generating data or
+    writing a checkpoint, an uneven evaluation).
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kwargs)
+
+
+#: what a failed or timed-out collective looks like (gloo and NCCL raise RuntimeError)
+_COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|timed out|timeout|connection (reset|closed|refused)"
+                                 r"|broken pipe|socket|peer", re.IGNORECASE)
+
+
+def _multi_process() -> bool:
+    return distributed.world_size() > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextlib.contextmanager
+def collective_errors(timeout_s: Optional[float] = None):
+    """Re-raise a failed or timed-out collective of a multi-process run as a
+    :class:`CollectiveError` that names the likely cause (another process stopped or is
+    stuck) and how to proceed; the backend's error is chained as ``__cause__``. Other errors,
+    and every error of a single process, pass unchanged."""
+    try:
+        yield
+    except RuntimeError as err:
+        dist_error = getattr(dist, "DistError", ())
+        if (isinstance(err, CollectiveError) or not _multi_process()
+                or not (isinstance(err, dist_error) or _COLLECTIVE_FAILURE.search(str(err)))):
+            raise
+        rank = distributed.rank() if distributed.is_initialized() else \
+            int(os.environ.get("RANK", "0"))
+        waited = (f"{timeout_s:g} s" if timeout_s is not None else "torch's default timeout "
+                  "(30 min)")
+        said = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CollectiveError(
+            f"rank {rank}: a collective operation failed: another process stopped or is stuck; "
+            f"no collective completed within {waited} (dist_timeout), or a peer closed its "
+            f"connection. Look for the first error in the other processes' output, then "
+            f"resume the run from its last checkpoint (--resume); if one process "
+            f"legitimately works alone for longer, raise dist_timeout. The backend said: "
+            f"{said}") from err
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -55,7 +119,15 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """This process's random states (Python, numpy, torch, CUDA) in a checkpoint-friendly
+    form: lists, numbers, strings and tensors only, so that :func:`load_checkpoint` reads them
+    with ``weights_only=True`` and nothing allow-listed."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": {"bit_generator": str(name), "keys": [int(k) for k in keys],
+                       "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached)},
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -63,35 +135,171 @@ def rng_state() -> Dict[str, Any]:
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore :func:`rng_state`'s states; also reads the form that earlier versions wrote
+    (``random.getstate()`` and ``np.random.get_state()`` tuples as they are)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["bit_generator"],
+                       np.asarray(numpy_state["keys"], dtype=np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> Optional[Path]:
-    """Write ``state`` atomically (temporary file, then rename) on rank 0 only, so that a
-    run killed while saving never leaves a truncated checkpoint behind."""
+    """Write ``state`` atomically on rank 0 only (other ranks return None at once).
+
+    The state goes to ``<path>.tmp``, which is flushed and fsynced; only a complete file
+    replaces ``path`` (``os.replace``, then the folder is fsynced). So a run killed while
+    saving (even SIGKILL or a power cut) leaves the previous checkpoint in place: resuming
+    continues from it, and the stale ``.tmp`` is simply overwritten by the next save. When
+    the write fails (disk full, quota, I/O error) the partial temporary file is removed and a
+    :class:`CheckpointWriteError` (an ``OSError`` with the cause's ``errno``) says which
+    file, why, and that the previous checkpoint is intact and the run can be resumed once the
+    problem is fixed. Returns ``path`` on rank 0.
+    """
     if distributed.rank() != 0:
         return None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if not isinstance(err, OSError) or isinstance(err, CheckpointWriteError):
+            raise
+        full = err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        why = "the disk is full" if full else "the write failed"
+        previous = (f"the previous checkpoint {path} is intact" if path.is_file() else
+                    "no checkpoint of this run was saved before")
+        fix = "free some space" if full else "fix the cause"
+        task = re.fullmatch(r"eqlosses-(\w+)-\d+", str(state.get("format", "")))
+        resume = (f"eqlosses train {task.group(1) if task else 'TASK'} --resume --run "
+                  f"{shlex.quote(str(path.parent))}")
+        failure = CheckpointWriteError(
+            f"cannot write the checkpoint {path}: {why} ({err.strerror or err} while writing "
+            f"{tmp}; the partial file was removed). {previous[0].upper()}{previous[1:]}: "
+            f"{fix}, then resume the run ({resume}), which continues from it.")
+        failure.errno = err.errno
+        raise failure from err
+    _fsync_dir(path.parent)
     return path
 
 
+def _legacy_numpy_globals() -> List[Any]:
+    """What the numpy RNG state of checkpoints written before :func:`rng_state` stored plain
+    lists needs: an ``np.random.get_state()`` tuple holds a uint32 array (numpy 1 and 2 name
+    the array constructor differently)."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+            (_reconstruct, "numpy.core.multiarray._reconstruct"),
+            (_reconstruct, "numpy._core.multiarray._reconstruct")]
+
+
+def _legacy_numpy_names() -> set:
+    names = set()
+    for item in _legacy_numpy_globals():
+        if isinstance(item, tuple):
+            names.add(item[1])
+        else:
+            names.add(f"{item.__module__}.{item.__qualname__}")
+    return names
+
+
+def _allowing(extra: List[Any]):
+    """torch's ``safe_globals`` context (torch >= 2.5); nothing extra on older versions."""
+    allow = getattr(torch.serialization, "safe_globals", None)
+    return allow(extra) if allow is not None else contextlib.nullcontext()
+
+
+def _unsupported_globals(path: Path, err: BaseException) -> List[str]:
+    """The names of the objects outside the allow-list that ``path`` holds (read from the
+    pickle's opcodes, never executed) or, failing that, from torch's error message."""
+    names: List[str] = []
+    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if scan is not None:
+        with contextlib.suppress(Exception):  # a legacy (non-zip) file cannot be scanned
+            legacy = _legacy_numpy_names()
+            names = [n for n in scan(str(path)) if n not in legacy]
+    text = str(err)
+    names += re.findall(r"GLOBAL (\S+) was not an allowed global", text)
+    names += re.findall(r"but got (<class '[^']+'>)", text)
+    return list(dict.fromkeys(names))
+
+
 def load_checkpoint(path: Path) -> Dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (onto the CPU) without running
+    any code from the file.
+
+    The file is unpickled with ``weights_only=True``: only tensors, numbers, strings, lists,
+    tuples and dicts are built, which is all that an eqlosses checkpoint holds (state dicts,
+    the configuration, counters, RNG states as :func:`rng_state` stores them). The numpy
+    RNG-state arrays of checkpoints of earlier versions are allow-listed as well
+    (``numpy.ndarray``, ``numpy.dtype``, the uint32 dtype class, numpy's ``_reconstruct``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file holds other objects (a pickle that would import or call
+            something: loading it could run arbitrary code, so it was not loaded; the message
+            names what was found), is not a dict, or cannot be read (truncated, not a torch
+            file).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing
+        with _allowing(_legacy_numpy_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = _unsupported_globals(path, err)
+        if not found:
+            text = str(err)
+            reason = text.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+            reason = " ".join(reason.split()) or type(err).__name__
+            raise ValueError(f"checkpoint {path} cannot be read ({reason}); it may be truncated "
+                             f"or not an eqlosses checkpoint") from None
+        raise ValueError(
+            f"{path} was not loaded: it holds objects outside what eqlosses checkpoints "
+            f"contain (tensors, numbers, strings, lists, dicts), and loading it could run "
+            f"arbitrary code. Found: {', '.join(found)}. Use a checkpoint written by eqlosses "
+            f"(RUN_DIR/checkpoint.pt); if you trust this file, load it yourself with "
+            f"torch.load(..., weights_only=False) and save only its state dicts.") from None
+    except Exception as err:  # noqa: BLE001 - any other failure means the same thing
         raise ValueError(f"checkpoint {path} cannot be read ({err}); it may be truncated or "
                          f"not an eqlosses checkpoint") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not an eqlosses checkpoint: it holds a "
+                         f"{type(ckpt).__name__}, not the dict that eqlosses writes")
+    return ckpt
 
 
 class JsonlLog:
@@ -111,19 +319,27 @@ class JsonlLog:
 
 def truncate_jsonl(path: Path, max_step: int) -> None:
     """Drop the records of steps after ``max_step`` (written after the checkpoint a run
-    resumes from), so that a resumed run's logs have each step once."""
+    resumes from), so that a resumed run's logs have each step once. A line that is not a
+    complete JSON object (the last line, cut short when the run was killed mid-write) is
+    dropped too. The file is rewritten atomically, so a kill during the repair loses
+    nothing."""
     path = Path(path)
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            step = json.loads(line).get("step")
+            record = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by the kill
             continue
+        if not isinstance(record, dict):
+            continue
+        step = record.get("step")
         if step is None or step <= max_step:
             kept.append(line)
-    path.write_text("".join(f"{line}\n" for line in kept))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
 
 
 class Progress:

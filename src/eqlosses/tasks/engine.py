@@ -33,9 +33,9 @@ from .. import distributed
 from ..config import save_config, to_dict
 from ..data.seeding import item_seed
 from ..losses import LongTailLoss
-from .common import (JsonlLog, Progress, init_distributed, load_checkpoint, maybe_tensorboard,
-                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state,
-                     truncate_jsonl)
+from .common import (JsonlLog, Progress, collective_errors, init_distributed, load_checkpoint,
+                     maybe_tensorboard, resolve_device, rng_state, save_checkpoint,
+                     seed_everything, set_rng_state, truncate_jsonl)
 
 __all__ = ["Job", "TrainState", "StopRequest", "build_optimizer", "build_schedule",
            "amp_dtype", "train_one_epoch", "prepare_run", "fit", "check_checkpoint",
@@ -217,13 +217,14 @@ def train_one_epoch(model, step_fn: StepFn, loader, optimizer, scheduler, scaler
 def prepare_run(cfg, run_dir: Path, resume: bool, overwrite: bool) -> torch.device:
     """Device, process group and seeds; refuses to clobber a run unless asked."""
     device = resolve_device(cfg.device)
-    init_distributed(device)
+    init_distributed(device, getattr(cfg, "dist_timeout", None))
     seed_everything(cfg.seed, cfg.deterministic)
     if (run_dir / "checkpoint.pt").exists() and not (resume or overwrite):
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, "
                               f"--overwrite to start again, or choose another name")
     if overwrite and not resume and distributed.rank() == 0:
-        for stale in ("checkpoint.pt", "log.jsonl", "stats.bin", "stats.jsonl", "metrics.json"):
+        for stale in ("checkpoint.pt", "checkpoint.pt.tmp", "log.jsonl", "stats.bin",
+                      "stats.jsonl", "metrics.json"):
             (run_dir / stale).unlink(missing_ok=True)
     return device
 
@@ -328,6 +329,9 @@ def fit(cfg, job: Job, device: torch.device, run_dir: Path, resume: bool = False
             for name in ("log.jsonl", "stats.jsonl"):  # stats.jsonl: runs of older versions
                 truncate_jsonl(run_dir / name, state.step)
             truncate_stats(run_dir / "stats.bin", state.step)
+            # a save killed midway left its temporary file: never read, the next save
+            # overwrites it; removed here so that it holds no disk space meanwhile
+            (run_dir / "checkpoint.pt.tmp").unlink(missing_ok=True)
     if distributed.rank() == 0:
         save_config(cfg, run_dir / "config.yaml")
     log = JsonlLog(run_dir / "log.jsonl")
@@ -436,8 +440,10 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> Dict[str, Any]:
     Outputs go to :func:`run_dir_for` ``(cfg)`` (see :func:`fit`)."""
     build_job = task_module(cfg.task).build_job
     run_dir = run_dir_for(cfg)
-    device = prepare_run(cfg, run_dir, resume, overwrite)
-    return fit(cfg, build_job(cfg, device), device, run_dir, resume)
+    # a peer that died or hangs: a clear error within cfg.dist_timeout, not a hang
+    with collective_errors(getattr(cfg, "dist_timeout", None)):
+        device = prepare_run(cfg, run_dir, resume, overwrite)
+        return fit(cfg, build_job(cfg, device), device, run_dir, resume)
 
 
 def evaluate_checkpoint(path: Path, device: str = "auto", overrides: Optional[list] = None,
