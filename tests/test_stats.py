@@ -53,3 +53,36 @@ def test_load_float32_checkpoint_keeps_float64():
     dst = GradientStatistics(2)
     dst.load_state_dict(src.state_dict())
     assert dst.pos_grad.dtype == torch.float64 and dst.pos_grad.tolist() == [0.5, 1.0]
+
+
+def test_non_finite_increments_are_skipped_on_the_device_and_counted():
+    """``num_updates`` counts applied updates, ``num_skipped`` skipped ones (their sum is the
+    number of calls); a skipped update leaves the accumulators exactly as they were."""
+    import warnings
+
+    stats = GradientStatistics(2)
+    stats.update(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]))
+    before = stats.state_dict()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        applied = [stats.update(torch.tensor([float("nan"), 1.0]), torch.ones(2)),
+                   stats.update(torch.ones(2), torch.tensor([float("inf"), 0.0])),
+                   stats.update(torch.tensor([0.5, 0.5]), torch.zeros(2))]
+    assert [bool(a) for a in applied] == [False, False, True]
+    assert all(a.dtype == torch.bool and a.shape == () for a in applied)
+    assert sum("non-finite" in str(w.message) for w in caught) == 1  # warned once
+    assert int(stats.num_updates) == 2 and int(stats.num_skipped) == 2
+    assert stats.pos_grad.tolist() == [1.5, 2.5] and stats.neg_grad.tolist() == [3.0, 4.0]
+    stats.num_updates -= 1
+    stats.pos_grad -= torch.tensor([0.5, 0.5], dtype=torch.float64)
+    assert torch.equal(stats.pos_grad, before["pos_grad"])
+
+
+def test_update_without_warning_reads_nothing_on_the_host(monkeypatch):
+    stats = GradientStatistics(2)
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("host read"))
+    stats.update(torch.tensor([float("nan"), 1.0]), torch.ones(2), warn=False)
+    stats.update(torch.ones(2), torch.ones(2), warn=False)
+    monkeypatch.undo()
+    assert int(stats.num_updates) == 1 and int(stats.num_skipped) == 1

@@ -7,7 +7,9 @@ logits, the per-class increments
     neg_inc_j = sum over rows whose target is not j  of |d loss / d z_nj|
 
 and hands them to :meth:`GradientStatistics.update`, which all-reduces them (one collective for
-both) and adds them to the running sums. The sums are never decayed.
+both) and adds them to the running sums. The sums are never decayed. A step whose reduced
+increments are not finite is skipped on every rank, decided on the device: the update does not
+synchronise with the host (unless asked to warn) and compiles with ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ class GradientStatistics(nn.Module):
     Buffers:
         pos_grad: ``[C]`` accumulated positive-gradient magnitude ``P_j``.
         neg_grad: ``[C]`` accumulated negative-gradient magnitude ``Nn_j``.
-        num_updates: number of updates applied (0-d int64).
-        num_skipped: number of updates skipped because an increment was not finite.
+        num_updates: number of updates applied (0-d int64): calls of :meth:`update` whose
+            reduced increments were finite.
+        num_skipped: number of updates skipped because a reduced increment was not finite
+            (``num_updates + num_skipped`` = calls of :meth:`update`).
 
     Args:
         num_classes: number of foreground classes ``C``.
@@ -58,7 +62,7 @@ class GradientStatistics(nn.Module):
     Example:
         >>> stats = GradientStatistics(3)
         >>> stats.update(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([4.0, 2.0, 0.0]))
-        True
+        tensor(True)
         >>> stats.ratio(init=1.0)  # class 2 has seen no gradient yet
         tensor([0.2500, 0.0000, 1.0000], dtype=torch.float64)
     """
@@ -93,17 +97,27 @@ class GradientStatistics(nn.Module):
         return self
 
     @torch.no_grad()
-    def update(self, pos_inc: torch.Tensor, neg_inc: torch.Tensor) -> bool:
+    def update(self, pos_inc: torch.Tensor, neg_inc: torch.Tensor,
+               warn: bool = True) -> torch.Tensor:
         """Add one step's increments (summed over all processes first); return whether applied.
 
         Call this on every rank at every training step, also with zero increments for an empty
         batch: it performs exactly one all-reduce of a ``[2, C]`` tensor. If the reduced
-        increments are not finite on any rank, every rank skips the update (the reduced tensor
-        is identical everywhere), ``num_skipped`` is incremented and a warning is issued once.
+        increments are not finite on any rank (a NaN or inf on one rank reaches every rank
+        through the sum), every rank skips the update: the accumulators are left as they were,
+        ``num_skipped`` is incremented instead of ``num_updates``. The decision is taken on the
+        device (``torch.where``), so the update itself never synchronises with the host.
 
         Args:
             pos_inc: ``[C]`` non-negative positive-gradient magnitudes of this step.
             neg_inc: ``[C]`` non-negative negative-gradient magnitudes of this step.
+            warn: issue a ``RuntimeWarning`` the first time an update is skipped. This reads
+                the decision on the host (one synchronisation per call until the warning has
+                been shown); the losses pass their ``validate`` switch. With ``warn=False``
+                nothing is read: watch ``num_skipped`` instead.
+
+        Returns:
+            A 0-d bool tensor on the accumulators' device: True if the update was applied.
         """
         expected = (self.num_classes,)
         if pos_inc.shape != expected or neg_inc.shape != expected:
@@ -113,22 +127,22 @@ class GradientStatistics(nn.Module):
             )
         inc = torch.stack([pos_inc, neg_inc]).to(device=self.pos_grad.device, dtype=self._dtype)
         all_reduce_sum_(inc)
-        if not bool(torch.isfinite(inc).all()):
-            self.num_skipped += 1
-            if not self._warned_non_finite:
-                warnings.warn(
-                    "GradientStatistics: a non-finite gradient increment was skipped (non-finite "
-                    "logits?); the accumulated statistics were left unchanged. This warning is "
-                    "shown once; see `num_skipped` for the count.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                self._warned_non_finite = True
-            return False
+        finite = torch.isfinite(inc).all()
+        inc = torch.where(finite, inc, 0.0)
         self.pos_grad += inc[0]
         self.neg_grad += inc[1]
-        self.num_updates += 1
-        return True
+        self.num_updates += finite
+        self.num_skipped += ~finite
+        if warn and not self._warned_non_finite and not bool(finite):  # host sync
+            warnings.warn(
+                "GradientStatistics: a non-finite gradient increment was skipped (non-finite "
+                "logits?); the accumulated statistics were left unchanged. This warning is "
+                "shown once; see `num_skipped` for the count.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._warned_non_finite = True
+        return finite
 
     def ratio(self, init: float, eps: float = 1e-10) -> torch.Tensor:
         """The accumulated gradient ratio ``g_j = P_j / (Nn_j + eps)``.

@@ -1,8 +1,16 @@
-"""Input validation, the closed-form autograd node and the package's one reduction helper."""
+"""Input validation, the closed-form autograd node and the package's one reduction helper.
+
+Host synchronisation: the checks here that read metadata only (type, dtype, shape, device) are
+always on; those that read tensor values (the target range) run only with ``validate=True``.
+The kernels take ``all_valid`` from :func:`check_targets`: a Python bool when validation read
+the targets, ``None`` otherwise, in which case they read no tensor value on the host at all
+(no ``.item()``, ``bool(tensor)``, ``nonzero`` or boolean indexing), so that a training step
+never waits for the device and compiles into one graph (``torch.compile(fullgraph=True)``).
+"""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -35,17 +43,34 @@ def check_logits(logits: torch.Tensor, channels: int, what: str, spatial: bool =
         )
 
 
+class Targets(NamedTuple):
+    """Checked targets: int64 ``values`` and whether every row is valid (not ``ignore_index``).
+
+    ``all_valid`` is a Python bool when validation read the targets on the host (it comes free
+    with that read), and ``None`` when nothing was read (``validate=False``): the kernels then
+    take their masked, sync-free paths.
+    """
+
+    values: torch.Tensor
+    all_valid: Optional[bool]
+
+
 def check_targets(
     targets: torch.Tensor,
     logits: torch.Tensor,
     high: int,
     ignore_index: int,
     what: str,
-) -> torch.Tensor:
-    """Validate integer class-index targets and return them as int64.
+    validate: bool = True,
+) -> Targets:
+    """Check integer class-index targets; return them as int64 with what was learnt.
 
     Targets must have shape ``[N]`` (or ``[N, *]`` matching ``logits [N, C, *]``), live on the
-    logits' device and hold values in ``[0, high]`` or ``ignore_index``.
+    logits' device and hold values in ``[0, high]`` or ``ignore_index``. Type, shape and device
+    are metadata and always checked. The value range is checked only with ``validate=True``:
+    one host synchronisation (``aminmax``) when every target is a class, a second one when some
+    rows are ignored (or out of range). With ``validate=False`` nothing is read on the host and
+    out-of-range targets give undefined results (or an indexing error), as in ``torch.nn``.
     """
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
@@ -66,18 +91,23 @@ def check_targets(
             "move both to the same device"
         )
     targets = targets.long()
-    if targets.numel():
-        low, top = torch.aminmax(targets)
-        if int(low) >= 0 and int(top) <= high:  # the common case: one reduction, no mask
-            return targets
-        bad = ((targets < 0) | (targets > high)) & (targets != ignore_index)
-        if bool(bad.any()):
-            value = targets[bad][0].item()
-            raise ValueError(
-                f"{what} expects targets in [0, {high}] or ignore_index={ignore_index}, "
-                f"found {value}"
-            )
-    return targets
+    if not validate:
+        return Targets(targets, None)
+    if not targets.numel():
+        return Targets(targets, True)
+    low, top = torch.stack(torch.aminmax(targets)).tolist()  # host sync 1
+    if low >= 0 and top <= high and not low <= ignore_index <= top:
+        return Targets(targets, True)  # the common case: every row is a class
+    valid = targets != ignore_index
+    bad = ((targets < 0) | (targets > high)) & valid
+    any_bad, all_valid = torch.stack([bad.any(), valid.all()]).tolist()  # host sync 2
+    if any_bad:
+        value = targets[bad][0].item()
+        raise ValueError(
+            f"{what} expects targets in [0, {high}] or ignore_index={ignore_index}, "
+            f"found {value}"
+        )
+    return Targets(targets, bool(all_valid))
 
 
 def check_class_vector(

@@ -46,12 +46,15 @@ def _focal(
     ignore_index: int,
     reduction: str,
     want_stats: bool,
+    all_valid: Optional[bool] = None,
 ) -> _Result:
     """sum over valid rows and classes of weight_j * FL_gamma_j(z, y), reduced.
 
     Negatives: ``(1 - alpha) p^g softplus(z)``; the target entry of a positive row:
     ``alpha (1 - p)^g softplus(-z)`` (focal) or ``BCE(z, q) |q - p|^g`` (quality focal, no
     alpha), all times ``weight_j``. ``gamma`` and ``weight`` are ``[C]`` constants.
+    ``all_valid`` (from :func:`check_targets`): True skips the row mask; None (unknown) masks.
+    Nothing is read on the host.
     """
     need_grad = needs_grad(logits)
     with torch.no_grad():
@@ -70,7 +73,7 @@ def _focal(
         mod = z - sp                          # log p
         p = mod.exp()
         mod.mul_(gamma).exp_().mul_(neg_coef)  # coef * p^g
-        if not bool(valid.all()):
+        if not all_valid:
             mod.mul_(valid.to(dtype).unsqueeze(1))
         scatter_rows(mod, col, torch.where(has_pos, torch.zeros(n, dtype=dtype, device=z.device),
                                            gather_rows(mod, col)))
@@ -129,26 +132,27 @@ def efl_gamma(ratio: torch.Tensor, focal_gamma: float = 2.0, scale_factor: float
     return focal_gamma + scale_factor * (1 - ratio.clamp(0, 1))
 
 
-def _check_focal_inputs(logits, targets, ratio, what, ignore_index, reduction):
+def _check_focal_inputs(logits, targets, ratio, what, ignore_index, reduction, validate=True):
     check_reduction(reduction)
     if ratio is not None:
         num_classes = _num_classes(ratio)
     else:
         num_classes = logits.shape[1] if logits.dim() == 2 else -1
     check_logits(logits, num_classes, what)
-    targets = check_targets(targets, logits, num_classes, ignore_index, what)
+    targets = check_targets(targets, logits, num_classes, ignore_index, what, validate)
     if ratio is not None:
         ratio = check_class_vector(ratio, num_classes, "ratio", logits.device)
     return targets, ratio
 
 
 def _equalized_focal(logits, targets, ratio, focal_gamma, scale_factor, alpha, quality,
-                     normalizer, ignore_index, reduction, want_stats) -> _Result:
+                     normalizer, ignore_index, reduction, want_stats, validate=True) -> _Result:
     what = "EQFL" if quality is not None else "EFL"
     if not focal_gamma > 0:
         raise ValueError(f"focal_gamma must be > 0 (it divides the weighting factor), got "
                          f"{focal_gamma}")
-    targets, ratio = _check_focal_inputs(logits, targets, ratio, what, ignore_index, reduction)
+    (targets, all_valid), ratio = _check_focal_inputs(logits, targets, ratio, what,
+                                                      ignore_index, reduction, validate)
     if quality is not None:
         if quality.shape != targets.shape or not quality.is_floating_point():
             raise ValueError(f"quality must be a float tensor of shape {tuple(targets.shape)}, "
@@ -157,7 +161,7 @@ def _equalized_focal(logits, targets, ratio, focal_gamma, scale_factor, alpha, q
             raise ValueError(f"quality is on {quality.device} but logits are on {logits.device}")
     gamma = efl_gamma(ratio.to(compute_dtype(logits)), focal_gamma, scale_factor)
     return _focal(logits, targets, gamma, gamma / focal_gamma, alpha, quality, normalizer,
-                  ignore_index, reduction, want_stats)
+                  ignore_index, reduction, want_stats, all_valid)
 
 
 def focal_loss(
@@ -168,23 +172,26 @@ def focal_loss(
     normalizer: Normalizer = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Sigmoid focal loss (Lin et al., 2017) with the detection conventions of this module.
 
         loss = sum_nj alpha_t (1 - p_t)^gamma (-log p_t) / normalizer
 
     ``alpha=None`` disables the alpha weighting. Logits ``[N, C]``, targets ``[N]`` in
-    ``[0, C]`` (``C`` = background) or ``ignore_index``.
+    ``[0, C]`` (``C`` = background) or ``ignore_index``. ``validate=False`` skips the check
+    of the target values (the only host synchronisation).
 
     >>> focal_loss(torch.zeros(1, 2), torch.tensor([0]))
     tensor(0.1733)
     """
-    targets, _ = _check_focal_inputs(logits, targets, None, "the focal loss", ignore_index,
-                                     reduction)
+    (targets, all_valid), _ = _check_focal_inputs(logits, targets, None, "the focal loss",
+                                                  ignore_index, reduction, validate)
     c = logits.shape[1]
     g = torch.full((c,), float(gamma), device=logits.device)
     return _focal(logits, targets, g, torch.ones_like(g), alpha, None, normalizer, ignore_index,
-                  reduction, want_stats=False).loss
+                  reduction, want_stats=False, all_valid=all_valid).loss
 
 
 def equalized_focal_loss(
@@ -197,6 +204,8 @@ def equalized_focal_loss(
     normalizer: Normalizer = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Equalized Focal Loss for a given gradient ratio; the stateless twin of the module.
 
@@ -209,12 +218,15 @@ def equalized_focal_loss(
         logits: ``[N, C]``; targets ``[N]`` in ``[0, C]`` (``C`` = background) or ignore.
         ratio: ``[C]`` accumulated gradient ratio (1 for every class gives the focal loss).
         normalizer: defaults to the number of positive rows (at least 1).
+        validate: check the target values (a host synchronisation); ``False`` reads nothing
+            on the host (shapes, dtypes and devices are always checked).
 
     >>> equalized_focal_loss(torch.zeros(1, 2), torch.tensor([0]), ratio=torch.ones(2))
     tensor(0.1733)
     """
     return _equalized_focal(logits, targets, ratio, focal_gamma, scale_factor, alpha, None,
-                            normalizer, ignore_index, reduction, want_stats=False).loss
+                            normalizer, ignore_index, reduction, want_stats=False,
+                            validate=validate).loss
 
 
 def equalized_quality_focal_loss(
@@ -227,6 +239,8 @@ def equalized_quality_focal_loss(
     normalizer: Normalizer = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Equalized Quality Focal Loss (EFL's mechanism on quality focal loss).
 
@@ -236,10 +250,13 @@ def equalized_quality_focal_loss(
 
     Args:
         quality: ``[N]`` float quality target (e.g. IoU) of each row; read on positive rows.
+        validate: check the target values (a host synchronisation); see
+            :func:`equalized_focal_loss`.
 
     >>> equalized_quality_focal_loss(torch.zeros(1, 2), torch.tensor([0]),
     ...                              torch.tensor([1.0]), ratio=torch.ones(2))
     tensor(0.3466)
     """
     return _equalized_focal(logits, targets, ratio, focal_gamma, scale_factor, None, quality,
-                            normalizer, ignore_index, reduction, want_stats=False).loss
+                            normalizer, ignore_index, reduction, want_stats=False,
+                            validate=validate).loss

@@ -37,6 +37,7 @@ def _weighted_bce(
     ignore_index: int,
     reduction: str,
     want_stats: bool,
+    all_valid: Optional[bool] = None,
 ) -> _Result:
     """sum_nj [pos_weight_j y_nj + neg_weight_(n)j (1 - y_nj)] * BCE(z_nj, y_nj), reduced.
 
@@ -44,6 +45,10 @@ def _weighted_bce(
     column), ``pos_weight [K]``, ``neg_weight [K]`` or ``[N, K]``. ``"mean"`` divides by the
     number of non-ignored rows. The statistics are the unreduced magnitudes
     ``|sigmoid(z) - y| * w`` summed per column over positive and over negative entries.
+    ``all_valid`` (from :func:`check_targets`): True when no row is ignored. Otherwise (False,
+    or None: unknown) ignored rows are weighted by 0 where they are summed (row losses,
+    statistics, the gradient's per-row factor in backward) rather than masked element by
+    element. Nothing is read on the host.
     """
     need_grad = needs_grad(logits)
     with torch.no_grad():
@@ -56,35 +61,37 @@ def _weighted_bce(
         pos_w = pos_weight.to(dtype)[col]
         neg_w = neg_weight.to(dtype)
         neg_w_t = neg_w[col] if neg_w.dim() == 1 else gather_rows(neg_w, col)
-        all_valid = bool(valid.all())
-        row_mask = None if all_valid else valid.to(dtype).unsqueeze(1)
+        row_weight = None if all_valid else valid.to(dtype)  # [N], 0 for ignored rows
 
         z_t = gather_rows(z, col)
         # Negative part for every element: softplus(z) = BCE(z, 0); positives overwritten below.
         elem = F.softplus(z)
         sp_t = gather_rows(elem, col)
         elem.mul_(neg_w)
-        if row_mask is not None:
-            elem.mul_(row_mask)
         pos_loss = pos_w * (sp_t - z_t)  # BCE(z, 1) = softplus(z) - z
-        scatter_rows(elem, col, torch.where(has_pos, pos_loss, neg_w_t * sp_t * valid))
+        scatter_rows(elem, col, torch.where(has_pos, pos_loss, neg_w_t * sp_t))
+        if row_weight is not None:
+            if reduction == "none":
+                elem.mul_(row_weight.unsqueeze(1))
+            else:  # row losses [N]: one pass over the rows instead of a masked copy
+                elem = elem.sum(1).mul_(row_weight)
 
         grad = pos_inc = neg_inc = None
         if want_stats or need_grad:
             grad = torch.sigmoid(z)
             p_t = gather_rows(grad, col)
             grad.mul_(neg_w)  # d BCE(z, 0) / dz = sigmoid(z), weighted
-            if row_mask is not None:
-                grad.mul_(row_mask)
             grad_t = gather_rows(grad, col)
             if want_stats:
                 scatter_rows(grad, col, torch.where(has_pos, torch.zeros_like(grad_t), grad_t))
-                neg_inc = grad.sum(0)  # every remaining entry is a negative, all >= 0
+                # every remaining entry of a valid row is a negative, all >= 0
+                neg_inc = grad.sum(0) if row_weight is None else row_weight @ grad
                 pos_inc = per_class_sum(pos_w * (1 - p_t), col, has_pos, k)
             scatter_rows(grad, col, torch.where(has_pos, pos_w * (p_t - 1), grad_t))
 
         normalizer = max(n, 1) if all_valid else valid.sum().clamp(min=1).to(dtype)
-    loss = reduce_loss(logits, elem, grad if need_grad else None, reduction, normalizer)
+    loss = reduce_loss(logits, elem, grad if need_grad else None, reduction, normalizer,
+                       row_weight=row_weight)
     return _Result(loss, pos_inc, neg_inc, scale_of(reduction, normalizer))
 
 
@@ -118,20 +125,22 @@ def sigmoid_eql_weights(
 
 
 def _sigmoid_eql(logits, targets, ratio, num_classes, gamma, mu, alpha, ignore_index,
-                 reduction, want_stats, objectness=True) -> _Result:
+                 reduction, want_stats, objectness=True, validate=True) -> _Result:
     check_reduction(reduction)
     if objectness:
         check_logits(logits, num_classes + 1,
                      "Sigmoid-EQL (C foreground columns + 1 background)")
     else:
         check_logits(logits, num_classes, "Sigmoid-EQL without an objectness column")
-    targets = check_targets(targets, logits, num_classes, ignore_index, "Sigmoid-EQL")
+    targets, all_valid = check_targets(targets, logits, num_classes, ignore_index,
+                                       "Sigmoid-EQL", validate)
     ratio = check_class_vector(ratio, num_classes, "ratio", logits.device)
     pos_w, neg_w = sigmoid_eql_weights(ratio.to(compute_dtype(logits)), gamma, mu, alpha)
     if objectness:
         one = pos_w.new_ones(1)
         pos_w, neg_w = torch.cat([pos_w, one]), torch.cat([neg_w, one])
-    res = _weighted_bce(logits, targets, pos_w, neg_w, ignore_index, reduction, want_stats)
+    res = _weighted_bce(logits, targets, pos_w, neg_w, ignore_index, reduction, want_stats,
+                        all_valid)
     if want_stats:  # the background column is trained but never in the statistics
         res = res._replace(pos_inc=res.pos_inc[:num_classes], neg_inc=res.neg_inc[:num_classes])
     return res
@@ -147,6 +156,8 @@ def sigmoid_eql_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     objectness: bool = True,
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Sigmoid-EQL (EQL v2) for a given gradient ratio; the stateless twin of ``SigmoidEQLLoss``.
 
@@ -162,13 +173,16 @@ def sigmoid_eql_loss(
         reduction: ``"mean"`` (sum / number of non-ignored rows), ``"sum"`` or ``"none"``.
         objectness: ``False`` for logits ``[N, C]`` without the background column
             (classification); target ``C`` then marks a row that is negative everywhere.
+        validate: check the target values (host synchronisations); ``False`` reads nothing
+            on the host (shape, dtype and device are always checked).
 
     >>> logits = torch.zeros(2, 3)
     >>> sigmoid_eql_loss(logits, torch.tensor([0, 2]), ratio=torch.full((2,), 100.0))
     tensor(2.0794)
     """
     return _sigmoid_eql(logits, targets, ratio, _num_classes(ratio), gamma, mu, alpha,
-                        ignore_index, reduction, want_stats=False, objectness=objectness).loss
+                        ignore_index, reduction, want_stats=False, objectness=objectness,
+                        validate=validate).loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,6 +208,8 @@ def eql_loss(
     lambda_: float = 0.0011,
     ignore_index: int = -100,
     reduction: str = "mean",
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Equalization Loss v1 (sigmoid form); stateless, so ``EQLLoss`` is a thin wrapper.
 
@@ -207,6 +223,7 @@ def eql_loss(
         targets: ``[N]`` int64 in ``[0, C]`` (``C`` = background: all-zero target) or ignore.
         class_frequency: ``[C]`` fraction of training images containing each class.
         lambda_: frequency threshold (0.0011 for LVIS v1, 0.00177 for LVIS v0.5).
+        validate: check the target values (host synchronisations); see ``sigmoid_eql_loss``.
 
     >>> eql_loss(torch.zeros(1, 2), torch.tensor([0]), torch.tensor([0.5, 1e-4]))
     tensor(0.6931)
@@ -214,11 +231,12 @@ def eql_loss(
     check_reduction(reduction)
     num_classes = _num_classes(class_frequency)
     check_logits(logits, num_classes, "EQL")
-    targets = check_targets(targets, logits, num_classes, ignore_index, "EQL")
+    targets, all_valid = check_targets(targets, logits, num_classes, ignore_index, "EQL",
+                                       validate)
     freq = check_class_vector(class_frequency, num_classes, "class_frequency", logits.device)
     neg_w = eql_weights(targets, freq, lambda_, num_classes)
     return _weighted_bce(logits, targets, torch.ones(num_classes, device=logits.device), neg_w,
-                         ignore_index, reduction, want_stats=False).loss
+                         ignore_index, reduction, want_stats=False, all_valid=all_valid).loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,22 +255,35 @@ def sample_federated_classes(
     ``num_sampled - #present`` classes (if positive) are drawn without replacement with
     probability proportional to ``sampling_weight`` (by convention, the training image count of
     each class to the power 0.5). Zhou et al., "Probabilistic two-stage detection", 2021.
+
+    The draw is Gumbel-top-k (the classes with the largest ``log w_j + Gumbel noise``), which
+    samples exactly the distribution of successive draws without replacement, with fixed
+    shapes and without reading anything on the host (no synchronisation; ``torch.compile``
+    captures it in one graph when ``generator`` is None). Classes of weight 0 are never drawn.
+
+    >>> sample_federated_classes(torch.tensor([1, 3]), torch.tensor([1.0, 0.0, 4.0]), 1)
+    tensor([False,  True, False])
     """
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    targets = targets.long()  # any integer dtype (a uint8 index would be a mask)
     num_classes = sampling_weight.numel()
-    fg = targets[(targets >= 0) & (targets < num_classes)]
-    mask = torch.zeros(num_classes, dtype=torch.bool, device=targets.device)
-    mask[fg] = True
-    remaining = num_sampled - int(mask.sum())
-    if remaining > 0:
-        prob = sampling_weight.detach().to(device=targets.device, dtype=torch.float32).clone()
-        prob[mask] = 0
-        remaining = min(remaining, int((prob > 0).sum()))
-        if remaining > 0:
-            dev = generator.device if generator is not None else prob.device
-            drawn = torch.multinomial(prob.to(dev), remaining, replacement=False,
-                                      generator=generator)
-            mask[drawn.to(targets.device)] = True
-    return mask
+    fg = (targets >= 0) & (targets < num_classes)
+    hits = torch.zeros(num_classes, dtype=torch.float32, device=targets.device)
+    hits.index_add_(0, targets.clamp(0, num_classes - 1).reshape(-1),
+                    fg.reshape(-1).to(torch.float32))
+    present = hits > 0
+    k = min(num_sampled, num_classes)
+    weight = sampling_weight.detach().to(device=targets.device, dtype=torch.float32)
+    eligible = (weight > 0) & ~present
+    dev = generator.device if generator is not None else targets.device
+    u = torch.rand(num_classes, generator=generator, device=dev).to(targets.device)
+    gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))
+    keys = torch.where(eligible, weight.log() + gumbel, float("-inf"))
+    top = keys.topk(k).indices  # the k best keys, best first
+    rank = torch.arange(k, device=targets.device)
+    take = eligible[top] & (rank < num_sampled - present.sum())
+    return present.scatter(0, top, take | present[top])
 
 
 def federated_loss(
@@ -261,6 +292,8 @@ def federated_loss(
     class_mask: torch.Tensor,
     ignore_index: int = -100,
     reduction: str = "mean",
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Sigmoid BCE restricted to the classes in ``class_mask`` (the federated loss).
 
@@ -270,6 +303,7 @@ def federated_loss(
         logits: ``[N, C]`` (no background column).
         targets: ``[N]`` int64 in ``[0, C]`` (``C`` = background) or ``ignore_index``.
         class_mask: ``[C]`` bool, see :func:`sample_federated_classes`.
+        validate: check the target values (host synchronisations); see ``sigmoid_eql_loss``.
 
     >>> federated_loss(torch.zeros(1, 2), torch.tensor([0]), torch.tensor([True, False]))
     tensor(0.6931)
@@ -277,6 +311,8 @@ def federated_loss(
     check_reduction(reduction)
     num_classes = _num_classes(class_mask)
     check_logits(logits, num_classes, "the federated loss")
-    targets = check_targets(targets, logits, num_classes, ignore_index, "the federated loss")
+    targets, all_valid = check_targets(targets, logits, num_classes, ignore_index,
+                                       "the federated loss", validate)
     w = check_class_vector(class_mask, num_classes, "class_mask", logits.device).to(torch.float32)
-    return _weighted_bce(logits, targets, w, w, ignore_index, reduction, want_stats=False).loss
+    return _weighted_bce(logits, targets, w, w, ignore_index, reduction, want_stats=False,
+                         all_valid=all_valid).loss

@@ -38,11 +38,15 @@ def _adjusted_cross_entropy(
     reduction: str,
     want_stats: bool,
     return_grad: bool = False,
+    all_valid: Optional[bool] = None,
 ) -> _Result:
     """``CE(z + a, y)`` with ``a`` a ``[C]`` vector or a tensor broadcastable to ``z``.
 
     ``logits [N, C, *]``, ``targets [N, *]`` in ``[0, C)`` or ``ignore_index``. ``"mean"``
     divides by the number of non-ignored rows (pixels). ``"none"`` returns ``[N, *]``.
+    ``all_valid`` (from :func:`check_targets`): a bool when validation read the targets; the
+    kernel may then read one more value on the host (whether some ``p_t`` underflows, to skip
+    the exact fallback). None: rows are masked and nothing is read on the host.
     """
     need_grad = needs_grad(logits)
     with torch.no_grad():
@@ -55,16 +59,20 @@ def _adjusted_cross_entropy(
                 a = a.view((1, c) + (1,) * (z.dim() - 2))
             z = z + a
         valid = targets != ignore_index
-        all_valid = bool(valid.all())
         col = targets if all_valid else targets.masked_fill(~valid, 0)
         if z.dim() == 2:  # softmax is fastest on rows; the loss from p_t unless it underflows
             prob = torch.softmax(z, dim=1)
             p_t = gather_rows(prob, col)
             elem = -torch.log(p_t)
             tiny = torch.finfo(dtype).tiny * 2 ** 20
-            if bool((p_t < tiny).any()):
-                exact = -gather_rows(torch.log_softmax(z, dim=1), col)
-                elem = torch.where(p_t < tiny, exact, elem)
+            # -log p_t loses precision (or is inf) where p_t underflows. There, use
+            # logsumexp(z) - z_t, with logsumexp(z) = max z - log max p (both maxima are at the
+            # same column, as softmax is monotonic; max p >= 1/C): exact to rounding, two fast
+            # reductions instead of a second pass of exp. With validation on, only when the
+            # host sees that some p_t underflows.
+            if all_valid is None or bool((p_t < tiny).any()):
+                lse = z.amax(dim=1) - torch.log(prob.amax(dim=1))
+                elem = torch.where(p_t < tiny, lse - gather_rows(z, col), elem)
         else:  # [N, C, *]: log_softmax over dim 1 is much faster than softmax there
             prob = torch.log_softmax(z, dim=1)
             elem = -gather_rows(prob, col)
@@ -97,10 +105,11 @@ def _adjusted_cross_entropy(
                    grad if return_grad else None)
 
 
-def _check_softmax_inputs(logits, targets, num_classes, what, ignore_index, reduction):
+def _check_softmax_inputs(logits, targets, num_classes, what, ignore_index, reduction,
+                          validate=True):
     check_reduction(reduction)
     check_logits(logits, num_classes, what, spatial=True)
-    return check_targets(targets, logits, num_classes - 1, ignore_index, what)
+    return check_targets(targets, logits, num_classes - 1, ignore_index, what, validate)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,16 +130,17 @@ def softmax_eql_adjustment(indicator: torch.Tensor, tau: float = 1.0, eps: float
     return tau * torch.log(indicator.clamp(min=eps))
 
 
-def _softmax_eql(logits, targets, indicator, tau, eps, ignore_index, reduction, want_stats
-                 ) -> _Result:
+def _softmax_eql(logits, targets, indicator, tau, eps, ignore_index, reduction, want_stats,
+                 validate=True) -> _Result:
     if not eps > 0:
         raise ValueError(f"eps must be > 0 (it floors the indicator inside a log), got {eps}")
     num_classes = _num_classes(indicator)
-    targets = _check_softmax_inputs(logits, targets, num_classes, "Softmax-EQL", ignore_index,
-                                    reduction)
+    targets, all_valid = _check_softmax_inputs(logits, targets, num_classes, "Softmax-EQL",
+                                               ignore_index, reduction, validate)
     indicator = check_class_vector(indicator, num_classes, "indicator", logits.device)
     a = softmax_eql_adjustment(indicator.to(compute_dtype(logits)), tau, eps)
-    return _adjusted_cross_entropy(logits, targets, a, ignore_index, reduction, want_stats)
+    return _adjusted_cross_entropy(logits, targets, a, ignore_index, reduction, want_stats,
+                                   all_valid=all_valid)
 
 
 def softmax_eql_loss(
@@ -141,6 +151,8 @@ def softmax_eql_loss(
     eps: float = 1e-4,
     ignore_index: int = -100,
     reduction: str = "mean",
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Softmax-EQL for a given indicator; the stateless twin of ``SoftmaxEQLLoss``.
 
@@ -154,12 +166,14 @@ def softmax_eql_loss(
         targets: ``[N]`` or ``[N, *]`` int64 in ``[0, C)`` or ``ignore_index``.
         indicator: ``[C]``.
         reduction: ``"mean"`` over non-ignored rows/pixels, ``"sum"`` or ``"none"``.
+        validate: check the target values (host synchronisations); ``False`` reads nothing
+            on the host (shapes, dtypes and devices are always checked).
 
     >>> softmax_eql_loss(torch.zeros(2, 4), torch.tensor([0, 3]), torch.zeros(4))
     tensor(1.3863)
     """
     return _softmax_eql(logits, targets, indicator, tau, eps, ignore_index, reduction,
-                        want_stats=False).loss
+                        want_stats=False, validate=validate).loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,22 +199,26 @@ def balanced_softmax_loss(
     tau: float = 1.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Balanced softmax (Ren et al., 2020) = logit-adjusted loss (Menon et al., 2021).
 
         loss = CrossEntropy(z + tau log(prior), y),  prior_j = n_j / sum_k n_k
 
-    ``tau=0`` is plain cross-entropy. Predict with the raw logits.
+    ``tau=0`` is plain cross-entropy. Predict with the raw logits. ``validate=False`` skips
+    the check of the target values (see :func:`softmax_eql_loss`).
 
     >>> balanced_softmax_loss(torch.zeros(1, 2), torch.tensor([1]), torch.tensor([3, 1]))
     tensor(1.3863)
     """
     num_classes = _num_classes(class_counts)
-    targets = _check_softmax_inputs(logits, targets, num_classes, "balanced softmax",
-                                    ignore_index, reduction)
+    targets, all_valid = _check_softmax_inputs(logits, targets, num_classes, "balanced softmax",
+                                               ignore_index, reduction, validate)
     counts = check_class_vector(class_counts, num_classes, "class_counts", logits.device)
     a = balanced_softmax_adjustment(counts, tau)
-    return _adjusted_cross_entropy(logits, targets, a, ignore_index, reduction, False).loss
+    return _adjusted_cross_entropy(logits, targets, a, ignore_index, reduction, False,
+                                   all_valid=all_valid).loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,6 +235,8 @@ def eql_softmax_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     generator: Optional[torch.Generator] = None,
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """EQL v1, softmax form: rare non-target classes dropped from the softmax denominator.
 
@@ -225,7 +245,9 @@ def eql_softmax_loss(
 
     ``T_k`` = class k's frequency is below ``lambda_``; ``E_n`` = row n is foreground. With
     ``background=True`` logits have ``C + 1`` columns and target ``C`` is background (whose rows
-    suppress nothing); otherwise ``C`` columns and targets in ``[0, C)``.
+    suppress nothing); otherwise ``C`` columns and targets in ``[0, C)``. ``validate=False``
+    skips the check of the target values (see :func:`softmax_eql_loss`); the draw of ``beta``
+    reads nothing on the host either (``torch.compile`` captures it when ``generator`` is None).
 
     >>> g = torch.Generator().manual_seed(0)
     >>> eql_softmax_loss(torch.zeros(1, 2), torch.tensor([0]), torch.tensor([0.5, 1e-4]),
@@ -234,8 +256,8 @@ def eql_softmax_loss(
     """
     c = _num_classes(class_frequency)
     channels = c + 1 if background else c
-    targets = _check_softmax_inputs(logits, targets, channels, "softmax EQL", ignore_index,
-                                    reduction)
+    targets, all_valid = _check_softmax_inputs(logits, targets, channels, "softmax EQL",
+                                               ignore_index, reduction, validate)
     freq = check_class_vector(class_frequency, c, "class_frequency", logits.device)
     tail = freq < lambda_
     if background:
@@ -247,7 +269,8 @@ def eql_softmax_loss(
     drop.scatter_(1, targets.masked_fill(targets == ignore_index, 0).unsqueeze(1), False)
     a = torch.zeros(logits.shape, dtype=compute_dtype(logits), device=logits.device)
     a.masked_fill_(drop, float("-inf"))
-    return _adjusted_cross_entropy(logits, targets, a, ignore_index, reduction, False).loss
+    return _adjusted_cross_entropy(logits, targets, a, ignore_index, reduction, False,
+                                   all_valid=all_valid).loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,30 +298,49 @@ def seesaw_weights(logits: torch.Tensor, targets: torch.Tensor, class_counts: to
     return weights
 
 
-def _seesaw(logits, targets, class_counts, p, q, eps, normalizer, ignore_index):
-    """Returns (loss, class term, objectness term), the terms detached."""
+def _seesaw(logits, targets, class_counts, p, q, eps, normalizer, ignore_index, validate=True,
+            checked=None):
+    """Returns (loss, class term, objectness term), the terms detached.
+
+    ``checked``: the :class:`~eqlosses.functional._common.Targets` of a caller that has checked
+    ``targets`` already (they are not checked twice). With validation on, the class term is
+    computed on the foreground rows only (``nonzero``: one more host synchronisation); without,
+    on every row with the others masked (equal to rounding, and nothing read on the host).
+    """
     num_classes = _num_classes(class_counts)
     check_logits(logits, num_classes + 2, "Seesaw (C class columns + 2 objectness columns)")
-    targets = check_targets(targets, logits, num_classes, ignore_index, "Seesaw")
+    if checked is None:
+        checked = check_targets(targets, logits, num_classes, ignore_index, "Seesaw", validate)
+    targets, all_valid = checked
     counts = check_class_vector(class_counts, num_classes, "class_counts", logits.device)
     need_grad = needs_grad(logits)
     with torch.no_grad():
         dtype = compute_dtype(logits)
         z = logits.detach().to(dtype)
         valid = targets != ignore_index
-        rows = (valid & (targets < num_classes)).nonzero().squeeze(1)
-        z_cls, t_cls = z[rows, :num_classes], targets[rows]
-        log_s = torch.log(seesaw_weights(z_cls, t_cls, counts, p, q, eps))
+        fg = valid & (targets < num_classes)
+        if all_valid is not None:  # host reads allowed: the foreground rows only
+            rows = fg.nonzero().squeeze(1)
+            z_cls, t_cls, cls_valid = z[rows, :num_classes], targets[rows], True
+        else:  # every row; the non-foreground ones are ignored in the class term
+            rows = None
+            z_cls, cls_valid = z[:, :num_classes], None
+            t_cls = torch.where(fg, targets, torch.full_like(targets, ignore_index))
+        log_s = torch.log(seesaw_weights(z_cls, t_cls.clamp(0, num_classes - 1), counts, p, q,
+                                         eps))
         cls = _adjusted_cross_entropy(z_cls, t_cls, log_s, ignore_index, "sum", False,
-                                      return_grad=need_grad)
+                                      return_grad=need_grad, all_valid=cls_valid)
         obj_target = torch.where(valid, (targets == num_classes).long(), targets)
         obj = _adjusted_cross_entropy(z[:, num_classes:], obj_target, None, ignore_index, "sum",
-                                      False, return_grad=need_grad)
+                                      False, return_grad=need_grad, all_valid=all_valid)
         grad = None
         if need_grad:
-            grad = torch.zeros_like(z)
-            grad[rows, :num_classes] = cls.grad
-            grad[:, num_classes:] = obj.grad
+            if rows is None:
+                grad = torch.cat([cls.grad, obj.grad], dim=1)
+            else:
+                grad = torch.zeros_like(z)
+                grad[rows, :num_classes] = cls.grad
+                grad[:, num_classes:] = obj.grad
         if normalizer is None:
             norm = valid.sum().clamp(min=1).to(dtype)
         else:
@@ -316,6 +358,8 @@ def seesaw_loss(
     eps: float = 1e-2,
     normalizer: Optional[float] = None,
     ignore_index: int = -100,
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Seesaw loss (Wang et al., CVPR 2021) with a separate objectness branch, as in mmdet.
 
@@ -327,8 +371,11 @@ def seesaw_loss(
         logits: ``[N, C + 2]``: C class logits, then objectness ``[fg, bg]``.
         targets: ``[N]`` int64 in ``[0, C]`` (``C`` = background) or ``ignore_index``.
         class_counts: ``[C]`` cumulative training counts per class (``N_j``).
+        validate: check the target values (host synchronisations); ``False`` reads nothing
+            on the host (shapes, dtypes and devices are always checked).
 
     >>> seesaw_loss(torch.zeros(1, 4), torch.tensor([0]), torch.tensor([5, 1]))
     tensor(0.9368)
     """
-    return _seesaw(logits, targets, class_counts, p, q, eps, normalizer, ignore_index)[0]
+    return _seesaw(logits, targets, class_counts, p, q, eps, normalizer, ignore_index,
+                   validate)[0]

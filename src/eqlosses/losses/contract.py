@@ -279,6 +279,7 @@ class LossTraits:
 
             params["stats"] = Param(GradientStatistics, optional=True, config=False)
         params.setdefault("ignore_index", IGNORE_INDEX)
+        params.setdefault("validate", Param(bool, doc="check target values (host syncs)"))
         return params
 
     def background_of(self, extra_channels: int, head: Optional[str] = None) -> Optional[str]:

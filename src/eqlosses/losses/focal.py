@@ -20,7 +20,8 @@ class FocalLoss(SigmoidScores, LongTailLoss):
         loss = sum_nj alpha_t (1 - p_t)^gamma (-log p_t) / normalizer
 
     Logits ``[N, C]``; targets ``[N]`` in ``[0, C]`` (``C`` = background) or ``ignore_index``;
-    ``normalizer`` defaults to the number of positive rows (at least 1).
+    ``normalizer`` defaults to the number of positive rows (at least 1). ``validate=False``
+    skips the check of the target values (see :class:`~eqlosses.losses.LongTailLoss`).
 
     Example:
         >>> FocalLoss(2)(torch.zeros(1, 2), torch.tensor([0]))
@@ -34,18 +35,20 @@ class FocalLoss(SigmoidScores, LongTailLoss):
         normalizer=True, pixels="rows")
 
     def __init__(self, num_classes: int, gamma: float = 2.0, alpha: Optional[float] = 0.25,
-                 ignore_index: int = -100, reduction: str = "mean"):
-        super().__init__(num_classes, ignore_index, reduction)
+                 ignore_index: int = -100, reduction: str = "mean", *, validate: bool = True):
+        super().__init__(num_classes, ignore_index, reduction, validate=validate)
         self._set_hparams(gamma=gamma, alpha=alpha)
         self.num_channels = num_classes
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
                 normalizer: Normalizer = None) -> torch.Tensor:
         g = torch.full((self.num_classes,), float(self.gamma), device=logits.device)
-        targets, _ = _check_focal_inputs(logits, targets, g, "the focal loss",
-                                         self.ignore_index, self.reduction)
+        (targets, all_valid), _ = _check_focal_inputs(logits, targets, g, "the focal loss",
+                                                      self.ignore_index, self.reduction,
+                                                      self.validate)
         return _focal(logits, targets, g, torch.ones_like(g), self.alpha, None, normalizer,
-                      self.ignore_index, self.reduction, want_stats=False).loss
+                      self.ignore_index, self.reduction, want_stats=False,
+                      all_valid=all_valid).loss
 
 
 class EqualizedFocalLoss(SigmoidScores, GradientDrivenLoss):
@@ -69,6 +72,10 @@ class EqualizedFocalLoss(SigmoidScores, GradientDrivenLoss):
     so the reference's anchor-major/class-major channel mix-up with several anchors per
     location cannot happen; no update in eval mode; no crash without a process group.
 
+    ``validate=False`` skips the check of the target values and the warning about a skipped
+    statistics update: no host synchronisation, ``torch.compile(fullgraph=True)`` works (see
+    :class:`~eqlosses.losses.LongTailLoss`).
+
     Example:
         >>> crit = EqualizedFocalLoss(num_classes=2)
         >>> loss = crit(torch.zeros(3, 2, requires_grad=True), torch.tensor([0, 2, 2]))
@@ -89,8 +96,8 @@ class EqualizedFocalLoss(SigmoidScores, GradientDrivenLoss):
     def __init__(self, num_classes: int, focal_gamma: float = 2.0, scale_factor: float = 8.0,
                  alpha: Optional[float] = 0.25, init_ratio: float = 1.0,
                  ignore_index: int = -100, reduction: str = "mean",
-                 stats: Optional[GradientStatistics] = None):
-        super().__init__(num_classes, ignore_index, reduction, stats)
+                 stats: Optional[GradientStatistics] = None, *, validate: bool = True):
+        super().__init__(num_classes, ignore_index, reduction, stats, validate=validate)
         hparams = dict(focal_gamma=focal_gamma, scale_factor=scale_factor, alpha=alpha,
                        init_ratio=init_ratio)
         if self._quality:  # EQFL has no alpha
@@ -108,9 +115,9 @@ class EqualizedFocalLoss(SigmoidScores, GradientDrivenLoss):
         res = _equalized_focal(logits, targets, self._ratio(), self.focal_gamma,
                                self.scale_factor, None if self._quality else self.alpha,
                                quality, normalizer, self.ignore_index, self.reduction,
-                               want_stats=update)
+                               want_stats=update, validate=self.validate)
         if update:
-            self.stats.update(res.pos_inc * res.scale, res.neg_inc * res.scale)
+            self._update_stats(res.pos_inc * res.scale, res.neg_inc * res.scale)
         return res.loss
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
@@ -148,9 +155,9 @@ class EqualizedQualityFocalLoss(EqualizedFocalLoss):
 
     def __init__(self, num_classes: int, focal_gamma: float = 2.0, scale_factor: float = 8.0,
                  init_ratio: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
-                 stats: Optional[GradientStatistics] = None):
+                 stats: Optional[GradientStatistics] = None, *, validate: bool = True):
         super().__init__(num_classes, focal_gamma, scale_factor, None, init_ratio, ignore_index,
-                         reduction, stats)
+                         reduction, stats, validate=validate)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
                 quality: torch.Tensor, normalizer: Normalizer = None) -> torch.Tensor:

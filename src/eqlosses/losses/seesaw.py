@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import all_reduce_sum_
-from ..functional._common import check_device, check_targets
+from ..functional._common import check_device, check_logits, check_targets
 from ..functional.softmax import _seesaw
 from ..stats import apply_keeping_dtype
 from .base import LongTailLoss
@@ -28,6 +28,9 @@ class SeesawLoss(LongTailLoss):
     Deviation from the reference: the count increments are all-reduced (one collective per
     training forward), so every process uses the same counts; mmdetection counts per process.
     The reference's ``avg_factor + float32 eps`` denominator is the plain normaliser here.
+    ``validate=False`` skips the check of the target values: no host synchronisation (the
+    class term is then computed on every row with the non-foreground ones masked, instead of
+    on the selected foreground rows), and ``torch.compile(fullgraph=True)`` works.
     Test-time scores: ``softmax(z_cls) * softmax(z_obj)[fg]``.
 
     Example:
@@ -45,8 +48,8 @@ class SeesawLoss(LongTailLoss):
         normalizer=True)
 
     def __init__(self, num_classes: int, p: float = 0.8, q: float = 2.0, eps: float = 1e-2,
-                 ignore_index: int = -100):
-        super().__init__(num_classes, ignore_index, "mean")
+                 ignore_index: int = -100, *, validate: bool = True):
+        super().__init__(num_classes, ignore_index, "mean", validate=validate)
         self._set_hparams(p=p, q=q, eps=eps)
         self.num_channels = num_classes + 2
         self.register_buffer("cum_samples", torch.zeros(num_classes + 1, dtype=torch.float64))
@@ -54,13 +57,18 @@ class SeesawLoss(LongTailLoss):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
                 normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
         check_device(self.cum_samples, logits, "SeesawLoss")
-        if self.updates_state:
-            t = check_targets(targets, logits, self.num_classes, self.ignore_index, "Seesaw")
-            t = t[t != self.ignore_index]
-            inc = torch.bincount(t, minlength=self.num_classes + 1).to(self.cum_samples.dtype)
+        check_logits(logits, self.num_channels,
+                     "Seesaw (C class columns + 2 objectness columns)")
+        checked = check_targets(targets, logits, self.num_classes, self.ignore_index, "Seesaw",
+                                self.validate)
+        if self.updates_state:  # per-class counts of the batch, without reading it on the host
+            t = checked.values.reshape(-1)
+            counted = (t != self.ignore_index).to(self.cum_samples.dtype)
+            inc = torch.zeros_like(self.cum_samples).index_add_(
+                0, t.clamp(0, self.num_classes), counted)
             self.cum_samples += all_reduce_sum_(inc)
         return _seesaw(logits, targets, self.cum_samples[: self.num_classes], self.p, self.q,
-                       self.eps, normalizer, self.ignore_index)[0]
+                       self.eps, normalizer, self.ignore_index, checked=checked)[0]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "cum_samples"

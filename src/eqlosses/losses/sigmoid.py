@@ -21,6 +21,8 @@ class EQLLoss(SigmoidScores, LongTailLoss):
     ``T_j = class_frequency_j < lambda_`` (image frequency; 0.0011 for LVIS v1, 0.00177 for
     LVIS v0.5), ``E_n`` = row n is foreground. Logits ``[N, C]`` (no background column);
     targets in ``[0, C]`` with ``C`` = background (all-zero target row) or ``ignore_index``.
+    ``validate=False`` skips the check of the target values (see
+    :class:`~eqlosses.losses.LongTailLoss`).
 
     Example:
         >>> EQLLoss(2, class_frequency=torch.tensor([0.5, 1e-4]))(
@@ -35,8 +37,8 @@ class EQLLoss(SigmoidScores, LongTailLoss):
         statistics={"class_frequency": "frequency"})
 
     def __init__(self, num_classes: int, class_frequency: torch.Tensor, lambda_: float = 0.0011,
-                 ignore_index: int = -100, reduction: str = "mean"):
-        super().__init__(num_classes, ignore_index, reduction)
+                 ignore_index: int = -100, reduction: str = "mean", *, validate: bool = True):
+        super().__init__(num_classes, ignore_index, reduction, validate=validate)
         self.register_buffer("class_frequency",
                              class_vector(class_frequency, num_classes, "class_frequency"))
         self._set_hparams(lambda_=lambda_)
@@ -45,7 +47,7 @@ class EQLLoss(SigmoidScores, LongTailLoss):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return eql_loss(logits, targets, self.class_frequency, self.lambda_, self.ignore_index,
-                        self.reduction)
+                        self.reduction, validate=self.validate)
 
 
 class FederatedLoss(SigmoidScores, LongTailLoss):
@@ -57,7 +59,10 @@ class FederatedLoss(SigmoidScores, LongTailLoss):
     use every class. Zhou et al., "Probabilistic two-stage detection", 2021.
 
     Logits ``[N, C]``; targets in ``[0, C]`` (``C`` = background) or ``ignore_index``.
-    Sampling uses ``generator`` (or the global RNG): seed it per rank as you like.
+    Sampling uses ``generator`` (or the global RNG): seed it per rank as you like. The draw
+    reads nothing on the host; ``validate=False`` skips the check of the target values (see
+    :class:`~eqlosses.losses.LongTailLoss`; ``torch.compile`` captures the draw when
+    ``generator`` is None).
 
     Example:
         >>> crit = FederatedLoss(3, class_image_counts=torch.tensor([100, 10, 1]), num_sampled=2)
@@ -73,8 +78,9 @@ class FederatedLoss(SigmoidScores, LongTailLoss):
 
     def __init__(self, num_classes: int, class_image_counts: torch.Tensor,
                  num_sampled: int = 50, power: float = 0.5, ignore_index: int = -100,
-                 reduction: str = "mean", generator: Optional[torch.Generator] = None):
-        super().__init__(num_classes, ignore_index, reduction)
+                 reduction: str = "mean", generator: Optional[torch.Generator] = None, *,
+                 validate: bool = True):
+        super().__init__(num_classes, ignore_index, reduction, validate=validate)
         self._set_hparams(num_sampled=num_sampled, power=power)
         counts = class_vector(class_image_counts, num_classes, "class_image_counts")
         self.register_buffer("sampling_weight", counts.clamp(min=0).pow(self.power))
@@ -87,7 +93,8 @@ class FederatedLoss(SigmoidScores, LongTailLoss):
                                             self.generator)
         else:
             mask = torch.ones(self.num_classes, dtype=torch.bool, device=logits.device)
-        return federated_loss(logits, targets, mask, self.ignore_index, self.reduction)
+        return federated_loss(logits, targets, mask, self.ignore_index, self.reduction,
+                              validate=self.validate)
 
 
 class BCELoss(SigmoidScores, LongTailLoss):
@@ -96,7 +103,8 @@ class BCELoss(SigmoidScores, LongTailLoss):
     ``objectness=False``: logits ``[N, C]``, target ``C`` = background (all-zero row).
     ``objectness=True``: logits ``[N, C + 1]`` whose last column is trained as an
     objectness/background class, as in :class:`SigmoidEQLLoss` (whose initial state this
-    equals); scores are then ``sigmoid(z_j) * (1 - sigmoid(z_bg))``.
+    equals); scores are then ``sigmoid(z_j) * (1 - sigmoid(z_bg))``. ``validate=False`` skips
+    the check of the target values (see :class:`~eqlosses.losses.LongTailLoss`).
 
     Example:
         >>> BCELoss(2)(torch.zeros(1, 2), torch.tensor([0]))
@@ -110,18 +118,19 @@ class BCELoss(SigmoidScores, LongTailLoss):
         params={"objectness": Param(bool), "reduction": REDUCTION})
 
     def __init__(self, num_classes: int, objectness: bool = False, ignore_index: int = -100,
-                 reduction: str = "mean"):
-        super().__init__(num_classes, ignore_index, reduction)
+                 reduction: str = "mean", *, validate: bool = True):
+        super().__init__(num_classes, ignore_index, reduction, validate=validate)
         self._set_hparams(objectness=objectness)
         self.num_channels = num_classes + 1 if objectness else num_classes
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         check_reduction(self.reduction)
         check_logits(logits, self.num_channels, "BCE")
-        targets = check_targets(targets, logits, self.num_classes, self.ignore_index, "BCE")
+        targets, all_valid = check_targets(targets, logits, self.num_classes, self.ignore_index,
+                                           "BCE", self.validate)
         ones = torch.ones(self.num_channels, device=logits.device)
         return _weighted_bce(logits, targets, ones, ones, self.ignore_index, self.reduction,
-                             want_stats=False).loss
+                             want_stats=False, all_valid=all_valid).loss
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         p = torch.sigmoid(logits)

@@ -41,6 +41,9 @@ class SigmoidEQLLoss(GradientDrivenLoss):
         init_ratio: ratio of classes with no gradient yet.
         reduction: ``"mean"`` (sum / non-ignored rows, the reference), ``"sum"``, ``"none"``.
         stats: a :class:`GradientStatistics` to share between losses.
+        validate: check target values on the host (default); ``False``: no host
+            synchronisation, ``torch.compile(fullgraph=True)`` works (see
+            :class:`~eqlosses.losses.LongTailLoss`).
 
     Example:
         >>> crit = SigmoidEQLLoss(num_classes=3)
@@ -63,8 +66,8 @@ class SigmoidEQLLoss(GradientDrivenLoss):
     def __init__(self, num_classes: int, gamma: float = 12.0, mu: float = 0.8,
                  alpha: float = 4.0, init_ratio: float = 100.0, ignore_index: int = -100,
                  reduction: str = "mean", stats: Optional[GradientStatistics] = None,
-                 objectness: bool = True):
-        super().__init__(num_classes, ignore_index, reduction, stats)
+                 objectness: bool = True, *, validate: bool = True):
+        super().__init__(num_classes, ignore_index, reduction, stats, validate=validate)
         self._set_hparams(gamma=gamma, mu=mu, alpha=alpha, init_ratio=init_ratio,
                           objectness=objectness)
         self.num_channels = num_classes + 1 if objectness else num_classes
@@ -74,9 +77,10 @@ class SigmoidEQLLoss(GradientDrivenLoss):
         update = self.updates_state
         res = _sigmoid_eql(logits, targets, self.stats.ratio(self.init_ratio), self.num_classes,
                            self.gamma, self.mu, self.alpha, self.ignore_index, self.reduction,
-                           want_stats=update, objectness=self.objectness)
+                           want_stats=update, objectness=self.objectness,
+                           validate=self.validate)
         if update:
-            self.stats.update(res.pos_inc, res.neg_inc)
+            self._update_stats(res.pos_inc, res.neg_inc)
         return res.loss
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,9 @@ class SoftmaxEQLLoss(_SoftmaxScores, GradientDrivenLoss):
 
     Works for classification (``[N, C]``) and segmentation (``[B, C, H, W]`` logits with
     ``[B, H, W]`` targets); ignored pixels count in neither the loss nor the statistics.
+    ``validate=False`` skips the check of the target values and the warning about a skipped
+    statistics update: no host synchronisation, ``torch.compile(fullgraph=True)`` works (see
+    :class:`~eqlosses.losses.LongTailLoss`).
 
     Example:
         >>> crit = SoftmaxEQLLoss(num_classes=3)
@@ -58,8 +61,8 @@ class SoftmaxEQLLoss(_SoftmaxScores, GradientDrivenLoss):
 
     def __init__(self, num_classes: int, tau: float = 1.0, eps: float = 1e-4,
                  indicator: str = "pos", ignore_index: int = -100, reduction: str = "mean",
-                 stats: Optional[GradientStatistics] = None):
-        super().__init__(num_classes, ignore_index, reduction, stats)
+                 stats: Optional[GradientStatistics] = None, *, validate: bool = True):
+        super().__init__(num_classes, ignore_index, reduction, stats, validate=validate)
         self._set_hparams(tau=tau, eps=eps, indicator=indicator)
         self.num_channels = num_classes
 
@@ -70,9 +73,10 @@ class SoftmaxEQLLoss(_SoftmaxScores, GradientDrivenLoss):
         self._check_state_device(logits)
         update = self.updates_state
         res = _softmax_eql(logits, targets, self._indicator(), self.tau, self.eps,
-                           self.ignore_index, self.reduction, want_stats=update)
+                           self.ignore_index, self.reduction, want_stats=update,
+                           validate=self.validate)
         if update:
-            self.stats.update(res.pos_inc * res.scale, res.neg_inc * res.scale)
+            self._update_stats(res.pos_inc * res.scale, res.neg_inc * res.scale)
         return res.loss
 
     def class_terms(self) -> Dict[str, torch.Tensor]:
@@ -86,7 +90,8 @@ class BalancedSoftmaxLoss(_SoftmaxScores, LongTailLoss):
 
     ``prior`` is the normalised ``class_counts`` (classes with no sample count as one);
     ``tau=1`` is balanced softmax (Ren et al., 2020), other values the logit-adjusted loss
-    (Menon et al., 2021). Same shapes and conventions as :class:`SoftmaxEQLLoss`.
+    (Menon et al., 2021). Same shapes, conventions and ``validate`` switch as
+    :class:`SoftmaxEQLLoss`.
 
     Example:
         >>> BalancedSoftmaxLoss(2, class_counts=torch.tensor([3, 1]))(
@@ -100,18 +105,20 @@ class BalancedSoftmaxLoss(_SoftmaxScores, LongTailLoss):
         statistics={"class_counts": "counts"}, pixels="native")
 
     def __init__(self, num_classes: int, class_counts: torch.Tensor, tau: float = 1.0,
-                 ignore_index: int = -100, reduction: str = "mean"):
-        super().__init__(num_classes, ignore_index, reduction)
+                 ignore_index: int = -100, reduction: str = "mean", *, validate: bool = True):
+        super().__init__(num_classes, ignore_index, reduction, validate=validate)
         counts = class_vector(class_counts, num_classes, "class_counts")
         self._set_hparams(tau=tau)
         self.num_channels = num_classes
         self.register_buffer("adjustment", balanced_softmax_adjustment(counts, tau))
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        targets = _check_softmax_inputs(logits, targets, self.num_channels, "balanced softmax",
-                                        self.ignore_index, self.reduction)
+        targets, all_valid = _check_softmax_inputs(logits, targets, self.num_channels,
+                                                   "balanced softmax", self.ignore_index,
+                                                   self.reduction, self.validate)
         return _adjusted_cross_entropy(logits, targets, self.adjustment.to(logits.device),
-                                       self.ignore_index, self.reduction, False).loss
+                                       self.ignore_index, self.reduction, False,
+                                       all_valid=all_valid).loss
 
     def class_terms(self) -> Dict[str, torch.Tensor]:
         return {"margin": self.adjustment}
@@ -121,7 +128,8 @@ class CrossEntropyLoss(_SoftmaxScores, LongTailLoss):
     """Softmax cross-entropy with the package's conventions (the baseline).
 
     ``background=False``: ``C`` channels, targets in ``[0, C)``. ``background=True`` (softmax
-    detection heads): ``C + 1`` channels, target ``C`` = background.
+    detection heads): ``C + 1`` channels, target ``C`` = background. ``validate=False``
+    skips the check of the target values (see :class:`~eqlosses.losses.LongTailLoss`).
 
     Example:
         >>> CrossEntropyLoss(2)(torch.zeros(1, 2), torch.tensor([1]))
@@ -135,16 +143,17 @@ class CrossEntropyLoss(_SoftmaxScores, LongTailLoss):
         params={"background": Param(bool), "reduction": REDUCTION}, pixels="native")
 
     def __init__(self, num_classes: int, background: bool = False, ignore_index: int = -100,
-                 reduction: str = "mean"):
-        super().__init__(num_classes, ignore_index, reduction)
+                 reduction: str = "mean", *, validate: bool = True):
+        super().__init__(num_classes, ignore_index, reduction, validate=validate)
         self._set_hparams(background=background)
         self.num_channels = num_classes + 1 if background else num_classes
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        targets = _check_softmax_inputs(logits, targets, self.num_channels, "cross-entropy",
-                                        self.ignore_index, self.reduction)
+        targets, all_valid = _check_softmax_inputs(logits, targets, self.num_channels,
+                                                   "cross-entropy", self.ignore_index,
+                                                   self.reduction, self.validate)
         return _adjusted_cross_entropy(logits, targets, None, self.ignore_index, self.reduction,
-                                       False).loss
+                                       False, all_valid=all_valid).loss
 
 
 class EQLSoftmaxLoss(_SoftmaxScores, LongTailLoss):
@@ -155,7 +164,9 @@ class EQLSoftmaxLoss(_SoftmaxScores, LongTailLoss):
 
     ``T_k = class_frequency_k < lambda_``. In eval mode (or without grad) nothing is dropped
     (``beta = 0``), so a validation loss is deterministic. ``background=True`` adds a
-    background column (target ``C``) whose rows suppress nothing.
+    background column (target ``C``) whose rows suppress nothing. ``validate=False`` skips the
+    check of the target values (see :class:`~eqlosses.losses.LongTailLoss`; ``torch.compile``
+    captures the random draw when ``generator`` is None).
 
     Example:
         >>> crit = EQLSoftmaxLoss(2, class_frequency=torch.tensor([0.5, 1e-4]), gamma=1.0)
@@ -175,8 +186,9 @@ class EQLSoftmaxLoss(_SoftmaxScores, LongTailLoss):
 
     def __init__(self, num_classes: int, class_frequency: torch.Tensor, lambda_: float = 0.0011,
                  gamma: float = 0.9, background: bool = False, ignore_index: int = -100,
-                 reduction: str = "mean", generator: Optional[torch.Generator] = None):
-        super().__init__(num_classes, ignore_index, reduction)
+                 reduction: str = "mean", generator: Optional[torch.Generator] = None, *,
+                 validate: bool = True):
+        super().__init__(num_classes, ignore_index, reduction, validate=validate)
         freq = class_vector(class_frequency, num_classes, "class_frequency")
         self.register_buffer("class_frequency", freq)
         self._set_hparams(lambda_=lambda_, gamma=gamma, background=background)
@@ -188,4 +200,4 @@ class EQLSoftmaxLoss(_SoftmaxScores, LongTailLoss):
         gamma = self.gamma if self.updates_state else 0.0
         return eql_softmax_loss(logits, targets, self.class_frequency, self.lambda_, gamma,
                                 self.background, self.ignore_index, self.reduction,
-                                self.generator)
+                                self.generator, validate=self.validate)
