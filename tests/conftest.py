@@ -31,3 +31,22 @@ def pytest_configure(config):
     # The tests use small tensors, for which intra-op threads cost far more than they save
     # (on a 2-core VM, 25-80x for tiny ops).
     torch.set_num_threads(1)
+
+
+# Hypothesis profiles for the property tests (tests/test_properties.py): "ci" (the default:
+# few examples, derandomised so that every run tries the same cases) and "thorough" (many
+# random examples, for local runs): EQLOSSES_HYPOTHESIS=thorough pytest tests/test_properties.py
+try:
+    from hypothesis import HealthCheck, settings as _hypothesis_settings
+except ImportError:  # the property tests skip themselves without hypothesis
+    pass
+else:
+    _health = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
+               HealthCheck.function_scoped_fixture]
+    _hypothesis_settings.register_profile(
+        "ci", max_examples=25, deadline=None, derandomize=True, database=None,
+        print_blob=True, suppress_health_check=_health)
+    _hypothesis_settings.register_profile(
+        "thorough", max_examples=1000, deadline=None, database=None, print_blob=True,
+        suppress_health_check=_health)
+    _hypothesis_settings.load_profile(os.environ.get("EQLOSSES_HYPOTHESIS", "ci"))
