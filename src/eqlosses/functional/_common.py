@@ -10,6 +10,7 @@ never waits for the device and compiles into one graph (``torch.compile(fullgrap
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -155,6 +156,22 @@ class _ClosedFormLoss(torch.autograd.Function):
             factor = factor * row_weight.unsqueeze(1)
         g = grad * factor
         return g.to(ctx.logits_dtype), None, None, None, None
+
+
+def check_normalizer(normalizer: Union[None, float, torch.Tensor], validate: bool) -> None:
+    """A normaliser must be a number > 0 (a Python number always is checked; a tensor one must
+    hold one element, and, with ``validate``, a finite value > 0: one host read)."""
+    if normalizer is None:
+        return
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer must be a scalar, got shape {tuple(normalizer.shape)}")
+        if validate and not bool(torch.isfinite(normalizer).all() & (normalizer > 0).all()):
+            raise ValueError(f"normalizer must be > 0 and finite, got {normalizer.item()}")
+    elif isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
+        raise ValueError(f"normalizer must be a number or a 0-d tensor, got {normalizer!r}")
+    elif not (normalizer > 0 and math.isfinite(normalizer)):
+        raise ValueError(f"normalizer must be > 0 and finite, got {normalizer}")
 
 
 def scale_of(reduction: str, normalizer: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .sigmoid import _num_classes
-from ._common import (check_class_vector, check_logits, check_reduction, check_targets,
-                      compute_dtype, gather_rows, needs_grad, per_class_sum, reduce_loss,
+from ._common import (check_class_vector, check_logits, check_normalizer, check_reduction,
+                      check_targets, compute_dtype, gather_rows, needs_grad, per_class_sum, reduce_loss,
                       scale_of, scatter_rows)
 
 __all__ = ["efl_gamma", "focal_loss", "equalized_focal_loss", "equalized_quality_focal_loss"]
@@ -148,6 +148,7 @@ def _check_focal_inputs(logits, targets, ratio, what, ignore_index, reduction, v
 def _equalized_focal(logits, targets, ratio, focal_gamma, scale_factor, alpha, quality,
                      normalizer, ignore_index, reduction, want_stats, validate=True) -> _Result:
     what = "EQFL" if quality is not None else "EFL"
+    check_normalizer(normalizer, validate)
     if not focal_gamma > 0:
         raise ValueError(f"focal_gamma must be > 0 (it divides the weighting factor), got "
                          f"{focal_gamma}")

@@ -14,8 +14,8 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from .sigmoid import _num_classes
-from ._common import (check_class_vector, check_logits, check_reduction, check_targets,
-                      compute_dtype, gather_rows, needs_grad, per_class_sum, reduce_loss,
+from ._common import (check_class_vector, check_logits, check_normalizer, check_reduction,
+                      check_targets, compute_dtype, gather_rows, needs_grad, per_class_sum, reduce_loss,
                       scale_of, scatter_rows, sum_except_dim1, weighted_sum_except_dim1)
 
 __all__ = ["softmax_eql_adjustment", "softmax_eql_loss", "balanced_softmax_adjustment",
@@ -307,6 +307,7 @@ def _seesaw(logits, targets, class_counts, p, q, eps, normalizer, ignore_index, 
     computed on the foreground rows only (``nonzero``: one more host synchronisation); without,
     on every row with the others masked (equal to rounding, and nothing read on the host).
     """
+    check_normalizer(normalizer, validate)
     num_classes = _num_classes(class_counts)
     check_logits(logits, num_classes + 2, "Seesaw (C class columns + 2 objectness columns)")
     if checked is None:
