@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import all_reduce_sum_
-from ..functional._common import check_device, check_logits, check_targets
+from ..functional._common import check_device, check_logits, check_normalizer, check_targets
 from ..functional.softmax import _seesaw
 from ..stats import apply_keeping_dtype
 from .base import LongTailLoss
@@ -61,6 +61,7 @@ class SeesawLoss(LongTailLoss):
                      "Seesaw (C class columns + 2 objectness columns)")
         checked = check_targets(targets, logits, self.num_classes, self.ignore_index, "Seesaw",
                                 self.validate)
+        check_normalizer(normalizer, self.validate)  # before the counts change
         if self.updates_state:  # per-class counts of the batch, without reading it on the host
             t = checked.values.reshape(-1)
             counted = (t != self.ignore_index).to(self.cum_samples.dtype)
@@ -68,7 +69,8 @@ class SeesawLoss(LongTailLoss):
                 0, t.clamp(0, self.num_classes), counted)
             self.cum_samples += all_reduce_sum_(inc)
         return _seesaw(logits, targets, self.cum_samples[: self.num_classes], self.p, self.q,
-                       self.eps, normalizer, self.ignore_index, checked=checked)[0]
+                       self.eps, normalizer, self.ignore_index, self.validate,
+                       checked=checked)[0]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "cum_samples"
