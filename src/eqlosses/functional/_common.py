@@ -29,15 +29,24 @@ def compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32)
 
 
+def check_tensor(value: object, name: str = "logits") -> None:
+    """A ``TypeError`` naming ``name`` unless ``value`` is a tensor (before any attribute of
+    it is read: a list would otherwise fail with an ``AttributeError`` on ``.device``)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
 def check_logits(logits: torch.Tensor, channels: int, what: str, spatial: bool = False) -> None:
     """``logits`` must be a floating tensor ``[N, channels]`` (or ``[N, channels, *]``)."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    check_tensor(logits)
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
     shape = "[N, C]" if not spatial else "[N, C] or [N, C, *]"
     if logits.dim() < 2 or (not spatial and logits.dim() != 2):
         raise ValueError(f"logits must have shape {shape}, got {tuple(logits.shape)}")
+    if logits.shape[1] == 0:
+        raise ValueError(f"logits have 0 channels in dim 1, but {what} expects at least one "
+                         "class channel")
     if logits.shape[1] != channels:
         raise ValueError(
             f"logits have {logits.shape[1]} channels in dim 1, but {what} expects {channels}"
@@ -91,7 +100,8 @@ def check_targets(
             f"targets are on {targets.device} but logits are on {logits.device}; "
             "move both to the same device"
         )
-    targets = targets.long()
+    if targets.dtype != torch.int64:
+        targets = targets.long()
     if not validate:
         return Targets(targets, None)
     if not targets.numel():
@@ -122,6 +132,7 @@ def check_class_vector(
 
 
 def check_device(module_tensor: torch.Tensor, logits: torch.Tensor, what: str) -> None:
+    check_tensor(logits)
     if module_tensor.device != logits.device:
         raise ValueError(
             f"{what} state is on {module_tensor.device} but logits are on {logits.device}; "
@@ -248,7 +259,7 @@ def weighted_sum_except_dim1(x: torch.Tensor, row_weight: torch.Tensor) -> torch
     n, c = x.shape[:2]
     if x.dim() == 2:
         return row_weight @ x
-    if n <= 16:
+    if 0 < n <= 16:  # (no images: reshape cannot infer -1 from 0 elements)
         flat, w = x.reshape(n, c, -1), row_weight.reshape(n, -1)
         out = flat[0] @ w[0]
         for i in range(1, n):

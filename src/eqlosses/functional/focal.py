@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from .sigmoid import _num_classes
 from ._common import (check_class_vector, check_logits, check_normalizer, check_reduction,
-                      check_targets, compute_dtype, gather_rows, needs_grad, per_class_sum, reduce_loss,
-                      scale_of, scatter_rows)
+                      check_targets, check_tensor, compute_dtype, gather_rows, needs_grad,
+                      per_class_sum, reduce_loss, scale_of, scatter_rows)
 
 __all__ = ["efl_gamma", "focal_loss", "equalized_focal_loss", "equalized_quality_focal_loss"]
 
@@ -63,6 +63,8 @@ def _focal(
         n, c = z.shape
         gamma = gamma.to(dtype)
         valid = targets != ignore_index
+        if not all_valid:  # ignored rows count nowhere, even non-finite ones
+            z = z.masked_fill(~valid.unsqueeze(1), 0.0)
         has_pos = valid & (targets < c)
         col = targets.clamp(0, c - 1)
         neg_coef = weight.to(dtype) * (1.0 - alpha if alpha is not None else 1.0)
@@ -134,6 +136,7 @@ def efl_gamma(ratio: torch.Tensor, focal_gamma: float = 2.0, scale_factor: float
 
 def _check_focal_inputs(logits, targets, ratio, what, ignore_index, reduction, validate=True):
     check_reduction(reduction)
+    check_tensor(logits)
     if ratio is not None:
         num_classes = _num_classes(ratio)
     else:
@@ -155,6 +158,7 @@ def _equalized_focal(logits, targets, ratio, focal_gamma, scale_factor, alpha, q
     (targets, all_valid), ratio = _check_focal_inputs(logits, targets, ratio, what,
                                                       ignore_index, reduction, validate)
     if quality is not None:
+        check_tensor(quality, "quality")
         if quality.shape != targets.shape or not quality.is_floating_point():
             raise ValueError(f"quality must be a float tensor of shape {tuple(targets.shape)}, "
                              f"got {quality.dtype} {tuple(quality.shape)}")

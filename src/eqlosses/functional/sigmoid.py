@@ -62,6 +62,8 @@ def _weighted_bce(
         neg_w = neg_weight.to(dtype)
         neg_w_t = neg_w[col] if neg_w.dim() == 1 else gather_rows(neg_w, col)
         row_weight = None if all_valid else valid.to(dtype)  # [N], 0 for ignored rows
+        if row_weight is not None:  # ignored rows count nowhere, even non-finite ones
+            z = z.masked_fill(~valid.unsqueeze(1), 0.0)
 
         z_t = gather_rows(z, col)
         # Negative part for every element: softplus(z) = BCE(z, 0); positives overwritten below.
@@ -100,6 +102,9 @@ def _num_classes(per_class: torch.Tensor) -> int:
     shape = tuple(torch.as_tensor(per_class).shape)
     if len(shape) != 1:
         raise ValueError(f"per-class tensors must have shape [C], got {shape}")
+    if shape[0] < 1:
+        raise ValueError("per-class tensors must have at least one class (shape [C] with "
+                         "C >= 1), got shape (0,)")
     return shape[0]
 
 

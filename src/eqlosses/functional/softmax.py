@@ -16,10 +16,14 @@ import torch
 from .sigmoid import _num_classes
 from ._common import (check_class_vector, check_logits, check_normalizer, check_reduction,
                       check_targets, compute_dtype, gather_rows, needs_grad, per_class_sum, reduce_loss,
-                      scale_of, scatter_rows, sum_except_dim1, weighted_sum_except_dim1)
+                      scale_of, sum_except_dim1, weighted_sum_except_dim1)
 
 __all__ = ["softmax_eql_adjustment", "softmax_eql_loss", "balanced_softmax_adjustment",
            "balanced_softmax_loss", "eql_softmax_loss", "seesaw_loss"]
+
+
+#: p_t below this is treated as underflowed (the loss is then taken from logsumexp)
+_TINY = {dt: torch.finfo(dt).tiny * 2 ** 20 for dt in (torch.float32, torch.float64)}
 
 
 class _Result(NamedTuple):
@@ -58,13 +62,21 @@ def _adjusted_cross_entropy(
             if a.dim() == 1:
                 a = a.view((1, c) + (1,) * (z.dim() - 2))
             z = z + a
-        valid = targets != ignore_index
+        # The op count matters as much as the passes over [N, C] here (each eager op costs a
+        # few microseconds of dispatch): `valid` only when some row may be ignored, one
+        # unsqueezed index for every gather and scatter, scalar scatters.
+        valid = None if all_valid else targets != ignore_index
         col = targets if all_valid else targets.masked_fill(~valid, 0)
+        if valid is not None:  # ignored rows count nowhere, even non-finite ones
+            invalid = ~valid.unsqueeze(1)
+            z = z.masked_fill_(invalid, 0.0) if adjustment is not None else z.masked_fill(
+                invalid, 0.0)
+        index = col.unsqueeze(1)
         if z.dim() == 2:  # softmax is fastest on rows; the loss from p_t unless it underflows
             prob = torch.softmax(z, dim=1)
-            p_t = gather_rows(prob, col)
+            p_t = prob.gather(1, index).squeeze(1)
             elem = -torch.log(p_t)
-            tiny = torch.finfo(dtype).tiny * 2 ** 20
+            tiny = _TINY[dtype]
             # -log p_t loses precision (or is inf) where p_t underflows. There, use
             # logsumexp(z) - z_t, with logsumexp(z) = max z - log max p (both maxima are at the
             # same column, as softmax is monotonic; max p >= 1/C): exact to rounding, two fast
@@ -72,16 +84,16 @@ def _adjusted_cross_entropy(
             # host sees that some p_t underflows.
             if all_valid is None or bool((p_t < tiny).any()):
                 lse = z.amax(dim=1) - torch.log(prob.amax(dim=1))
-                elem = torch.where(p_t < tiny, lse - gather_rows(z, col), elem)
+                elem = torch.where(p_t < tiny, lse - z.gather(1, index).squeeze(1), elem)
         else:  # [N, C, *]: log_softmax over dim 1 is much faster than softmax there
             prob = torch.log_softmax(z, dim=1)
-            elem = -gather_rows(prob, col)
+            elem = -prob.gather(1, index).squeeze(1)
             prob = prob.exp_()
             p_t = torch.exp(-elem)  # cheaper than a second strided gather
         del z
         # Ignored rows: their entries of `prob` are left as they are and weighted by 0 wherever
         # they are read (loss, statistics, gradient), which saves a pass over the logits.
-        row_weight = None if all_valid else valid.to(dtype)
+        row_weight = None if valid is None else valid.to(dtype)
         if row_weight is not None:
             elem.mul_(row_weight)
 
@@ -89,13 +101,13 @@ def _adjusted_cross_entropy(
         if want_stats or need_grad or return_grad:
             grad = prob
             if want_stats:
-                scatter_rows(grad, col, torch.zeros_like(p_t))
+                grad.scatter_(1, index, 0.0)
                 if row_weight is None:
                     neg_inc = sum_except_dim1(grad)  # every remaining entry is a negative
                 else:
                     neg_inc = weighted_sum_except_dim1(grad, row_weight)
                 pos_inc = per_class_sum(1 - p_t, col, row_weight, c)
-            scatter_rows(grad, col, p_t - 1)
+            grad.scatter_(1, index, (p_t - 1).unsqueeze(1))
             if row_weight is not None and return_grad:
                 grad = grad * row_weight.unsqueeze(1)
         normalizer = max(targets.numel(), 1) if all_valid else valid.sum().clamp(min=1).to(dtype)
@@ -127,7 +139,8 @@ def softmax_eql_adjustment(indicator: torch.Tensor, tau: float = 1.0, eps: float
     >>> softmax_eql_adjustment(torch.tensor([0.0, 1.0]))
     tensor([-9.2103,  0.0000])
     """
-    return tau * torch.log(indicator.clamp(min=eps))
+    log_i = torch.log(indicator.clamp(min=eps))
+    return log_i if tau == 1 else tau * log_i  # (one op fewer on the hot path; same bits)
 
 
 def _softmax_eql(logits, targets, indicator, tau, eps, ignore_index, reduction, want_stats,

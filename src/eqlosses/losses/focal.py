@@ -6,6 +6,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from ..functional._common import check_tensor
 from ..functional.focal import _check_focal_inputs, _equalized_focal, _focal, efl_gamma
 from ..stats import GradientStatistics
 from .base import GradientDrivenLoss, LongTailLoss, SigmoidScores
@@ -42,6 +43,7 @@ class FocalLoss(SigmoidScores, LongTailLoss):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
                 normalizer: Normalizer = None) -> torch.Tensor:
+        check_tensor(logits)
         g = torch.full((self.num_classes,), float(self.gamma), device=logits.device)
         (targets, all_valid), _ = _check_focal_inputs(logits, targets, g, "the focal loss",
                                                       self.ignore_index, self.reduction,

@@ -8,7 +8,7 @@ import torch
 
 from ..functional.sigmoid import (_weighted_bce, eql_loss, federated_loss,
                                   sample_federated_classes)
-from ..functional._common import check_logits, check_reduction, check_targets
+from ..functional._common import check_logits, check_reduction, check_targets, check_tensor
 from .base import LongTailLoss, SigmoidScores, _warn_if_no_tail, class_vector
 from .contract import REDUCTION, LossTraits, Param
 
@@ -88,6 +88,7 @@ class FederatedLoss(SigmoidScores, LongTailLoss):
         self.num_channels = num_classes
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        check_tensor(logits)
         if self.updates_state:
             mask = sample_federated_classes(targets, self.sampling_weight, self.num_sampled,
                                             self.generator)
