@@ -129,10 +129,11 @@ class GradientStatistics(nn.Module):
         all_reduce_sum_(inc)
         finite = torch.isfinite(inc).all()
         inc = torch.where(finite, inc, 0.0)
-        self.pos_grad += inc[0]
-        self.neg_grad += inc[1]
-        self.num_updates += finite
-        self.num_skipped += ~finite
+        # in-place methods: `self.buf += x` would also go through nn.Module.__setattr__
+        self.pos_grad.add_(inc[0])
+        self.neg_grad.add_(inc[1])
+        self.num_updates.add_(finite)
+        self.num_skipped.add_(~finite)
         if warn and not self._warned_non_finite and not bool(finite):  # host sync
             warnings.warn(
                 "GradientStatistics: a non-finite gradient increment was skipped (non-finite "
