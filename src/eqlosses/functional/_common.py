@@ -165,8 +165,23 @@ class _ClosedFormLoss(torch.autograd.Function):
         factor = grad_out * scale
         if row_weight is not None:  # [N, *]: zero for ignored rows
             factor = factor * row_weight.unsqueeze(1)
-        g = grad * factor
+        # `grad` belongs to this node alone: when the graph is freed after this backward, scale
+        # it in place (no new logits-sized buffer: one allocation and its page faults fewer
+        # per step); keep it intact for a graph that is kept (retain_graph=True).
+        g = grad * factor if _graph_kept() else grad.mul_(factor)
         return g.to(ctx.logits_dtype), None, None, None, None
+
+
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``); True when torch
+    cannot tell (the query is internal to torch: err on the side of not modifying)."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if query is None:
+        return True
+    try:
+        return bool(query())
+    except RuntimeError:
+        return True
 
 
 def check_normalizer(normalizer: Union[None, float, torch.Tensor], validate: bool) -> None:
