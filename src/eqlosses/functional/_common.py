@@ -174,9 +174,11 @@ class _ClosedFormLoss(torch.autograd.Function):
 
 def _graph_kept() -> bool:
     """Whether the running backward keeps the graph (``retain_graph=True``); True when torch
-    cannot tell (the query is internal to torch: err on the side of not modifying)."""
+    cannot tell (the query is internal to torch: err on the side of not modifying) and while
+    ``torch.compile`` traces (dynamo cannot trace the query; the compiler plans buffers
+    itself)."""
     query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    if query is None:
+    if query is None or torch.compiler.is_compiling():
         return True
     try:
         return bool(query())
