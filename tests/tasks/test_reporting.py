@@ -188,8 +188,8 @@ def test_compare_runs_with_ratio_evolution_and_settings(tmp_path):
     b = make_run(tmp_path, "eql_b", lr=0.1)
     result = compare_runs([a, b], tmp_path / "cmp")
     names = [p.name for p in result["images"]]
-    assert names == ["group_metric.png", "per_class_accuracy.png", "ratio_evolution.png",
-                     "gradient_ratio_eql_a.png", "gradient_ratio_eql_b.png"]
+    assert names == ["group_metric.png", "per_class_accuracy.png", "gradient_ratio_runs.png",
+                     "ratio_evolution.png", "gradient_ratio_eql_a.png", "gradient_ratio_eql_b.png"]
     assert all(p.is_file() for p in result["images"])
     text, plain = html_of(result["report"])
     assert "Gradient ratio during training, per run" in captions(text)
@@ -260,3 +260,46 @@ def test_a_crashed_and_resumed_run_has_the_statistics_of_an_uninterrupted_one(tm
     assert a.steps.tolist() == b.steps.tolist() == list(range(1, len(a) + 1))
     for name in a.arrays:
         np.testing.assert_array_equal(a.arrays[name], b.arrays[name])
+
+
+@pytest.mark.slow  # five figures drawn (seconds)
+def test_compare_shows_the_baseline_ratios_next_to_the_equalization_loss(tmp_path):
+    """The paper's figure 1 as a comparison: cross-entropy's ratios (recorded with
+    track_statistics) next to Softmax-EQL's, captioned with each run's mean ratio per group."""
+    from eqlosses.losses import CrossEntropyLoss
+
+    eql = make_run(tmp_path, "softmax_eql", steps=20)  # last ratios: COUNTS / 100
+    ce = make_run(tmp_path, "ce", loss="ce", steps=20)
+    (ce / "stats.bin").unlink()
+    crit = CrossEntropyLoss(5, track_statistics=True)
+    crit.stats.pos_grad.copy_(torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64))
+    crit.stats.neg_grad.fill_(20.0)
+    StatsRecorder(ce / "stats.bin", crit).record(20, epoch=1)
+    result = compare_runs([ce, eql], tmp_path / "cmp")
+    assert (tmp_path / "cmp" / "gradient_ratio_runs.png") in result["images"]
+    assert (tmp_path / "cmp" / "gradient_ratio_runs.png").stat().st_size > 5000
+    text, plain = html_of(result["report"])
+    assert "Gradient ratio per class, per run" in captions(text)
+    # groups from metrics.json: many > 100 (500, 150), medium (19, 100] (60), few (12, 3)
+    assert "ce: many 0.175, medium 0.1, few 0.0375" in plain
+    assert "softmax_eql: many 3.25, medium 0.6, few 0.075" in plain
+
+
+@pytest.mark.slow
+def test_the_demo_report_compares_cross_entropy_with_softmax_eql(tmp_path):
+    """`eqlosses demo` (tiny: one epoch, a narrow model) records cross-entropy's statistics and
+    its report draws them next to Softmax-EQL's."""
+    from eqlosses.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--losses", "ce", "softmax_eql", "--epochs", "1",
+                 "--set", "model.width=4", "--set", "data.batch_size=256", "--set",
+                 "progress=false", "--set", "tensorboard=false", "--set", "stats_every=5"]) == 0
+    ce = read_stats(out / "ce")
+    assert ce.ratio is not None and np.isfinite(ce.ratio).all()
+    assert (ce.pos_grad[-1] > 0).all() and (ce.neg_grad[-1] > 0).all()
+    assert (out / "compare" / "gradient_ratio_runs.png").is_file()
+    text, plain = html_of(out / "compare" / "report.html")
+    assert "Gradient ratio per class, per run" in captions(text)
+    assert re.search(r"ce: many [0-9.e-]+, medium [0-9.e-]+, few [0-9.e-]+", plain)
+    assert re.search(r"softmax_eql: many [0-9.e-]+", plain)

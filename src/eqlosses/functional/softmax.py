@@ -14,6 +14,8 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from .sigmoid import _num_classes
+from .soft_targets import (_soft_adjusted_cross_entropy, check_probability_targets,
+                           is_float_target)
 from ._common import (check_class_vector, check_logits, check_normalizer, check_reduction,
                       check_targets, compute_dtype, gather_rows, needs_grad, per_class_sum, reduce_loss,
                       scale_of, sum_except_dim1, weighted_sum_except_dim1)
@@ -124,6 +126,23 @@ def _check_softmax_inputs(logits, targets, num_classes, what, ignore_index, redu
     return check_targets(targets, logits, num_classes - 1, ignore_index, what, validate)
 
 
+def _soft_or_hard(logits, targets, num_classes, what, adjustment_of, ignore_index, reduction,
+                  want_stats, validate):
+    """``CE(z + a, targets)`` for class-index or probability targets (float targets of the
+    logits' shape, :mod:`eqlosses.functional.soft_targets`); ``adjustment_of(device)`` gives
+    ``a`` once the inputs are checked."""
+    if is_float_target(targets):
+        check_reduction(reduction)
+        check_logits(logits, num_classes, what, spatial=True)
+        check_probability_targets(targets, logits, what, validate)
+        return _soft_adjusted_cross_entropy(logits, targets, adjustment_of(logits.device),
+                                            reduction, want_stats)
+    targets, all_valid = _check_softmax_inputs(logits, targets, num_classes, what,
+                                               ignore_index, reduction, validate)
+    return _adjusted_cross_entropy(logits, targets, adjustment_of(logits.device), ignore_index,
+                                   reduction, want_stats, all_valid=all_valid)
+
+
 # --------------------------------------------------------------------------------------------
 # Softmax-EQL
 # --------------------------------------------------------------------------------------------
@@ -148,12 +167,13 @@ def _softmax_eql(logits, targets, indicator, tau, eps, ignore_index, reduction, 
     if not eps > 0:
         raise ValueError(f"eps must be > 0 (it floors the indicator inside a log), got {eps}")
     num_classes = _num_classes(indicator)
-    targets, all_valid = _check_softmax_inputs(logits, targets, num_classes, "Softmax-EQL",
-                                               ignore_index, reduction, validate)
-    indicator = check_class_vector(indicator, num_classes, "indicator", logits.device)
-    a = softmax_eql_adjustment(indicator.to(compute_dtype(logits)), tau, eps)
-    return _adjusted_cross_entropy(logits, targets, a, ignore_index, reduction, want_stats,
-                                   all_valid=all_valid)
+
+    def adjustment(device):
+        vector = check_class_vector(indicator, num_classes, "indicator", device)
+        return softmax_eql_adjustment(vector.to(compute_dtype(logits)), tau, eps)
+
+    return _soft_or_hard(logits, targets, num_classes, "Softmax-EQL", adjustment, ignore_index,
+                         reduction, want_stats, validate)
 
 
 def softmax_eql_loss(
@@ -173,10 +193,16 @@ def softmax_eql_loss(
         loss = CrossEntropy(z~, y)
 
     ``I`` is the accumulated positive (indicator ``"pos"``) or negative gradient per class.
+    With probability targets ``q`` (float, the logits' shape, rows summing to 1: mixup, label
+    smoothing) the loss is the soft cross-entropy on the adjusted logits,
+    ``-sum_j q_nj log softmax(z~_n)_j`` (:mod:`eqlosses.functional.soft_targets`); one-hot
+    ``q`` equals integer targets.
 
     Args:
         logits: ``[N, C]`` or ``[N, C, *]`` (e.g. ``[B, C, H, W]``).
-        targets: ``[N]`` or ``[N, *]`` int64 in ``[0, C)`` or ``ignore_index``.
+        targets: ``[N]`` or ``[N, *]`` int64 in ``[0, C)`` or ``ignore_index``; or
+            probability targets of the logits' shape (non-negative, summing to 1 over dim 1;
+            with ``validate`` a ``ValueError`` otherwise).
         indicator: ``[C]``.
         reduction: ``"mean"`` over non-ignored rows/pixels, ``"sum"`` or ``"none"``.
         validate: check the target values (host synchronisations); ``False`` reads nothing
@@ -220,18 +246,23 @@ def balanced_softmax_loss(
         loss = CrossEntropy(z + tau log(prior), y),  prior_j = n_j / sum_k n_k
 
     ``tau=0`` is plain cross-entropy. Predict with the raw logits. ``validate=False`` skips
-    the check of the target values (see :func:`softmax_eql_loss`).
+    the check of the target values (see :func:`softmax_eql_loss`). Probability targets
+    (float, the logits' shape, rows summing to 1) give the soft cross-entropy
+    ``-sum_j q_nj log softmax(z + tau log prior)_nj``, as for :func:`softmax_eql_loss`.
 
     >>> balanced_softmax_loss(torch.zeros(1, 2), torch.tensor([1]), torch.tensor([3, 1]))
     tensor(1.3863)
+    >>> balanced_softmax_loss(torch.zeros(1, 2), torch.tensor([[0.0, 1.0]]), torch.tensor([3, 1]))
+    tensor(1.3863)
     """
     num_classes = _num_classes(class_counts)
-    targets, all_valid = _check_softmax_inputs(logits, targets, num_classes, "balanced softmax",
-                                               ignore_index, reduction, validate)
-    counts = check_class_vector(class_counts, num_classes, "class_counts", logits.device)
-    a = balanced_softmax_adjustment(counts, tau)
-    return _adjusted_cross_entropy(logits, targets, a, ignore_index, reduction, False,
-                                   all_valid=all_valid).loss
+
+    def adjustment(device):
+        counts = check_class_vector(class_counts, num_classes, "class_counts", device)
+        return balanced_softmax_adjustment(counts, tau)
+
+    return _soft_or_hard(logits, targets, num_classes, "balanced softmax", adjustment,
+                         ignore_index, reduction, False, validate).loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,6 +298,14 @@ def eql_softmax_loss(
     ...                  gamma=1.0, generator=g)
     tensor(0.)
     """
+    return _eql_softmax(logits, targets, class_frequency, lambda_, gamma, background,
+                        ignore_index, reduction, generator, validate, want_stats=False).loss
+
+
+def _eql_softmax(logits, targets, class_frequency, lambda_, gamma, background, ignore_index,
+                 reduction, generator, validate, want_stats) -> _Result:
+    """:func:`eql_softmax_loss`'s kernel; with ``want_stats`` also the statistics of its
+    gradient (a dropped entry has probability 0, so it adds no negative gradient)."""
     c = _num_classes(class_frequency)
     channels = c + 1 if background else c
     targets, all_valid = _check_softmax_inputs(logits, targets, channels, "softmax EQL",
@@ -282,8 +321,8 @@ def eql_softmax_loss(
     drop.scatter_(1, targets.masked_fill(targets == ignore_index, 0).unsqueeze(1), False)
     a = torch.zeros(logits.shape, dtype=compute_dtype(logits), device=logits.device)
     a.masked_fill_(drop, float("-inf"))
-    return _adjusted_cross_entropy(logits, targets, a, ignore_index, reduction, False,
-                                   all_valid=all_valid).loss
+    return _adjusted_cross_entropy(logits, targets, a, ignore_index, reduction, want_stats,
+                                   all_valid=all_valid)
 
 
 # --------------------------------------------------------------------------------------------

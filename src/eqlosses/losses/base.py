@@ -60,7 +60,9 @@ class LongTailLoss(nn.Module):
     foreground rows). Measured per training forward + backward without / with ignored rows:
     Sigmoid-EQL, EFL, EQFL 2 / 3; Softmax-EQL 3 / 4 on ``[N, C]``, 2 / 3 on pixels;
     cross-entropy, balanced softmax, softmax EQL 2 / 3; focal, EQL, BCE, federated 1 / 2;
-    Seesaw 4 / 5 (eval forwards: one fewer for the gradient-driven losses).
+    Seesaw 4 / 5 (eval forwards: one fewer for the gradient-driven losses); a baseline built
+    with ``track_statistics=True``: one more per training forward (the statistics update's
+    warning).
 
     With ``validate=False`` a forward, its backward and the statistics update never read a
     tensor value on the host (no ``.item()``, ``bool(tensor)``, ``nonzero`` or boolean
@@ -133,7 +135,53 @@ class LongTailLoss(nn.Module):
         parts += [f"ignore_index={self.ignore_index}", f"reduction={self.reduction!r}"]
         if not self.validate:
             parts.append("validate=False")
+        if getattr(self, "track_statistics", False):
+            parts.append("track_statistics=True")
         return ", ".join(parts)
+
+    # -- track_statistics: gradient statistics of a loss that does not need them ----------
+
+    def _init_tracking(self, track_statistics: bool) -> None:
+        """For a loss declaring ``traits.track_statistics``: store the switch and, when on,
+        create ``self.stats`` (a :class:`~eqlosses.GradientStatistics` of ``num_classes``)."""
+        self.track_statistics = Param(bool).check("track_statistics", track_statistics,
+                                                  type(self).__name__)
+        if self.track_statistics:
+            self.stats = GradientStatistics(self.num_classes)
+
+    def _tracking_now(self, logits: torch.Tensor) -> bool:
+        """True when this forward must update ``self.stats`` (tracking on, training mode,
+        grad enabled); checks that the statistics live on the logits' device."""
+        if not (getattr(self, "track_statistics", False) and self.updates_state):
+            return False
+        check_device(self.stats.pos_grad, logits, type(self).__name__)
+        return True
+
+    def _track(self, pos_inc: torch.Tensor, neg_inc: torch.Tensor, scale: Any) -> None:
+        """Add a kernel's unreduced increments, times the reduction's ``scale``, to the
+        statistics (background columns dropped): one all-reduce, no host read unless
+        ``validate`` (the "skipped update" warning)."""
+        c = self.num_classes
+        self.stats.update(pos_inc[:c] * scale, neg_inc[:c] * scale, warn=self.validate)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # noqa: D401 - torch hook
+        # A loss that can track statistics loads checkpoints made with tracking on or off:
+        # statistics it does not keep are dropped, statistics missing from an older
+        # checkpoint start from zero (with a warning). They never change the loss.
+        if hasattr(self, "track_statistics"):
+            keys = [k for k in state_dict if k.startswith(prefix + "stats.")]
+            if not self.track_statistics:
+                for key in keys:
+                    del state_dict[key]
+            elif not keys:
+                warnings.warn(f"{type(self).__name__}: the checkpoint has no gradient "
+                              f"statistics (made with track_statistics off, or by an older "
+                              f"version); they start from zero", RuntimeWarning, stacklevel=4)
+                for name, buf in self.stats.state_dict().items():
+                    state_dict[prefix + "stats." + name] = buf
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
 
 class GradientDrivenLoss(LongTailLoss):

@@ -234,6 +234,12 @@ class LossTraits:
             random draws; hosts give one per process and checkpoint it.
         gradient_statistics: the loss keeps a :class:`~eqlosses.GradientStatistics` as
             ``.stats`` (updated once per training forward, one all-reduce).
+        track_statistics: the constructor takes ``track_statistics=`` (default False): with
+            True, a loss whose terms need no statistics (a baseline) keeps a
+            :class:`~eqlosses.GradientStatistics` as ``.stats`` all the same, updated once per
+            training forward with the closed-form per-class gradient magnitudes of its own
+            loss (one all-reduce; the loss and its gradient are unchanged), for diagnosis.
+            :func:`eqlosses.losses.build_loss_for`, and so the pipelines, turn it on.
     """
 
     activation: str
@@ -246,6 +252,7 @@ class LossTraits:
     pixels: str = "rows"
     stochastic: bool = False
     gradient_statistics: bool = False
+    track_statistics: bool = False
 
     def __post_init__(self) -> None:
         if self.activation not in ("sigmoid", "softmax"):
@@ -265,6 +272,9 @@ class LossTraits:
         bad = {k: v for k, v in self.statistics.items() if v not in STATISTICS}
         if bad:
             raise ValueError(f"statistics must map arguments to {tuple(STATISTICS)}, got {bad}")
+        if self.gradient_statistics and self.track_statistics:
+            raise ValueError("a loss with gradient_statistics always keeps them; "
+                             "track_statistics is for losses that keep none otherwise")
         if self.pixels not in ("native", "rows"):
             raise ValueError(f"pixels must be 'native' or 'rows', got {self.pixels!r}")
 
@@ -278,6 +288,9 @@ class LossTraits:
             from ..stats import GradientStatistics
 
             params["stats"] = Param(GradientStatistics, optional=True, config=False)
+        if self.track_statistics:
+            params["track_statistics"] = Param(bool, doc="record per-class gradient "
+                                                         "statistics (diagnosis)")
         params.setdefault("ignore_index", IGNORE_INDEX)
         params.setdefault("validate", Param(bool, doc="check target values (host syncs)"))
         return params

@@ -23,6 +23,10 @@ class FocalLoss(SigmoidScores, LongTailLoss):
     Logits ``[N, C]``; targets ``[N]`` in ``[0, C]`` (``C`` = background) or ``ignore_index``;
     ``normalizer`` defaults to the number of positive rows (at least 1). ``validate=False``
     skips the check of the target values (see :class:`~eqlosses.losses.LongTailLoss`).
+    ``track_statistics=True`` (on in the pipelines) records, for diagnosis, EFL's statistics
+    of this loss in ``self.stats``: the per-class magnitudes of ``d loss / d z`` (alpha, focal
+    term and ``1 / normalizer`` included) summed over positive and negative entries. The loss
+    and its gradient are unchanged.
 
     Example:
         >>> FocalLoss(2)(torch.zeros(1, 2), torch.tensor([0]))
@@ -33,13 +37,15 @@ class FocalLoss(SigmoidScores, LongTailLoss):
         activation="sigmoid", backgrounds={"index": {}}, heads=("dense", "cls", "seg"),
         params={"gamma": Param(float, low=0), "alpha": Param(float, low=0, high=1, optional=True),
                 "reduction": REDUCTION},
-        normalizer=True, pixels="rows")
+        normalizer=True, pixels="rows", track_statistics=True)
 
     def __init__(self, num_classes: int, gamma: float = 2.0, alpha: Optional[float] = 0.25,
-                 ignore_index: int = -100, reduction: str = "mean", *, validate: bool = True):
+                 ignore_index: int = -100, reduction: str = "mean", *, validate: bool = True,
+                 track_statistics: bool = False):
         super().__init__(num_classes, ignore_index, reduction, validate=validate)
         self._set_hparams(gamma=gamma, alpha=alpha)
         self.num_channels = num_classes
+        self._init_tracking(track_statistics)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
                 normalizer: Normalizer = None) -> torch.Tensor:
@@ -48,9 +54,12 @@ class FocalLoss(SigmoidScores, LongTailLoss):
         (targets, all_valid), _ = _check_focal_inputs(logits, targets, g, "the focal loss",
                                                       self.ignore_index, self.reduction,
                                                       self.validate)
-        return _focal(logits, targets, g, torch.ones_like(g), self.alpha, None, normalizer,
-                      self.ignore_index, self.reduction, want_stats=False,
-                      all_valid=all_valid).loss
+        track = self._tracking_now(logits)
+        res = _focal(logits, targets, g, torch.ones_like(g), self.alpha, None, normalizer,
+                     self.ignore_index, self.reduction, want_stats=track, all_valid=all_valid)
+        if track:
+            self._track(res.pos_inc, res.neg_inc, res.scale)
+        return res.loss
 
 
 class EqualizedFocalLoss(SigmoidScores, GradientDrivenLoss):

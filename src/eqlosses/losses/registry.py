@@ -258,6 +258,10 @@ def build_loss_for(head: str, name: LossSpec, num_classes: int,
     * the training statistics named in ``traits.statistics`` from ``statistics`` (e.g.
       ``class_counts`` of balanced softmax, ``class_frequency`` of EQL);
     * ``generator`` for stochastic losses, ``ignore_index`` when given;
+    * ``track_statistics=True`` for a loss that can record gradient statistics without
+      needing them (the baselines: cross-entropy, BCE, focal, balanced softmax, ...), so that
+      every hosted loss has ``.stats`` for diagnosis (give ``track_statistics=False`` to
+      skip it);
     * on a dense head, ``reduction="sum"`` for a loss without a ``normalizer`` argument (the
       head divides by the positives).
 
@@ -290,6 +294,8 @@ def build_loss_for(head: str, name: LossSpec, num_classes: int,
         kwargs[arg] = statistics.value(statistic)
     if traits.stochastic and generator is not None:
         kwargs.setdefault("generator", generator)
+    if traits.track_statistics:
+        kwargs.setdefault("track_statistics", True)
     if ignore_index is not None:
         kwargs.setdefault("ignore_index", ignore_index)
     if "reduction" in traits.params:

@@ -37,7 +37,9 @@ class SigmoidEQLLoss(GradientDrivenLoss):
 
     Args:
         num_classes: foreground classes ``C``.
-        gamma, mu, alpha: the mapping from ratio to weights (defaults 12, 0.8, 4).
+        gamma: steepness of the mapping from ratio to negative weight ``r_j`` (default 12).
+        mu: its centre, the ratio at which ``r_j = 0.5`` (default 0.8).
+        alpha: the positive weight's scale in ``q_j = 1 + alpha (1 - r_j)`` (default 4).
         init_ratio: ratio of classes with no gradient yet.
         reduction: ``"mean"`` (sum / non-ignored rows, the reference), ``"sum"``, ``"none"``.
         stats: a :class:`GradientStatistics` to share between losses.

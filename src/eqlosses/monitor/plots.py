@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["plot_gradient_ratio", "plot_ratio_evolution", "plot_ratio_evolution_runs",
+__all__ = ["plot_gradient_ratio", "plot_gradient_ratio_runs", "plot_ratio_evolution",
+           "plot_ratio_evolution_runs",
            "plot_per_class_accuracy", "plot_group_accuracy", "plot_training_curves",
            "MAX_CLASS_TICKS"]
 
@@ -302,6 +303,79 @@ def plot_gradient_ratio(record: Any, train_counts: Any = None,
         _class_axis(gax, order, names, counts is not None)
     else:
         _class_axis(rax, order, names, counts is not None)
+    return _finish(fig, out_png)
+
+
+def plot_gradient_ratio_runs(runs: Mapping[str, Any], train_counts: Any = None,
+                             out_png: Optional[PathLike] = None, title: Optional[str] = None,
+                             *, class_names: Optional[Sequence[str]] = None, log: bool = False,
+                             ax: Optional["Axes"] = None) -> "Figure":
+    """The accumulated gradient ratio of every class for several runs, in one panel.
+
+    The paper's figure 1 as a comparison: classes sorted by training count (head on the
+    left), one colour per run (grouped bars while they stay readable, else lines), the
+    balanced ratio 1 dotted and the training counts on a secondary log axis. Drawn, for
+    example, for a cross-entropy run (tail ratios far below 1) next to a Softmax-EQL run.
+
+    Args:
+        runs: run name -> statistics snapshot (anything :func:`plot_gradient_ratio` takes:
+            a record with ``ratio``, a history, a run directory or statistics file).
+        train_counts: ``[C]`` training samples per class (None: classes in index order).
+        out_png: the image file to write, if any.
+        title: the title (default: says what is drawn).
+        class_names: ``[C]`` names for the class axis (used up to 60 classes).
+        log: a log-scale ratio axis (for ratios spanning decades).
+        ax: draw into this axes.
+
+    Example:
+        >>> fig = plot_gradient_ratio_runs({"ce": {"ratio": [0.9, 0.05]},
+        ...                                 "softmax_eql": {"ratio": [0.9, 0.6]}}, [100, 3])
+        >>> sorted(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+        ['balanced (ratio = 1)', 'ce', 'softmax_eql', 'training count']
+    """
+    if not runs:
+        raise ValueError("runs must name at least one run")
+    records = {str(name): _latest_record(r) for name, r in runs.items()}
+    counts = _as_counts(train_counts)
+    first = next(iter(records.values())).get("ratio")
+    c = counts.size if counts is not None else (len(first) if first is not None else 0)
+    names = _names(class_names, c)
+    order = _order(counts, c)
+    ratios = {name: _per_class(rec.get("ratio"), c, f"the ratio of run {name!r}")[order]
+              for name, rec in records.items()}
+    if ax is None:
+        fig, axes = _new_figure(_width(c), 4.4)
+        ax = axes[0]
+    else:
+        fig = ax.figure
+    x = np.arange(c)
+    k = len(ratios)
+    bars = c * k <= 120
+    colours = [f"C{i % 10}" for i in range(k)]
+    for i, (name, ratio) in enumerate(ratios.items()):
+        shown = np.where(ratio > 0, ratio, np.nan) if log else ratio
+        if bars:
+            width = 0.8 / k
+            ax.bar(x - 0.4 + width * (i + 0.5), shown, width=width, linewidth=0,
+                   color=colours[i], label=name)
+        else:
+            ax.plot(x, shown, lw=1.2, color=colours[i], marker="o" if c <= 100 else None,
+                    ms=3, label=name)
+    ax.axhline(1.0, color="tab:red", lw=1, ls=":", label="balanced (ratio = 1)")
+    ax.set_ylabel(_RATIO_LABEL)
+    top = max(float(np.nanmax(r, initial=0)) for r in ratios.values())
+    if log:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0, top=max(1.1, top * 1.08))
+    handles, labels = ax.get_legend_handles_labels()
+    if counts is not None:
+        th, tl = _count_twin(ax, counts[order]).get_legend_handles_labels()
+        handles, labels = handles + th, labels + tl
+    rows = _legend_above(ax, handles, labels)
+    _title(ax, title if title is not None else
+           "Accumulated positive / negative gradient ratio per class, per run", rows)
+    _class_axis(ax, order, names, counts is not None)
     return _finish(fig, out_png)
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from ..data.frequency import head_to_tail
 
 __all__ = ["load_run", "format_table", "report_run", "compare_runs", "task_of",
-           "run_settings"]
+           "run_settings", "group_ratio_text"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,8 +115,9 @@ def _read_statistics(run_dir: Path, notes: List[str], loss: str
                      "after `stats_every` steps).")
         return None, None
     if latest.get("ratio") is None:
-        notes.append(f"The loss ({loss}) keeps no gradient statistics, so there is no gradient "
-                     f"ratio to show (its class terms are recorded).")
+        notes.append(f"The loss ({loss}) kept no gradient statistics in this run (built with "
+                     f"track_statistics=False, or recorded by an older version), so there is "
+                     f"no gradient ratio to show (its class terms are recorded).")
         return None, latest
     return history, latest
 
@@ -398,11 +399,71 @@ def _captions(view: _TaskView) -> Dict[str, str]:
                   "1. Bottom: the accumulated positive (P) and negative (N) gradient "
                   "magnitudes, log scale. Ratios far below 1 mark classes whose classifier "
                   "is mostly pushed down."),
+        "ratio_runs": ("The paper's figure 1 on this data: the accumulated gradient ratio P/N "
+                       "of every class at the last recorded step, one colour per run, classes "
+                       "sorted by training count (head on the left; dashed line: training "
+                       "count, right log axis); the dotted red line is the balanced ratio 1. "
+                       "Under a plain loss (cross-entropy) the tail classes' ratios fall "
+                       "below 1: their classifiers receive more negative than positive "
+                       "gradient; an equalization loss lifts them towards 1. The ratios are "
+                       "accumulated from step 0: once a model fits an easy training set they "
+                       "drift back towards 1, so read the evolution figure too."),
         "evolution": ("The gradient ratio of every class at each recorded step, one line per "
                       "class coloured by frequency rank (dark: head, yellow: tail); the dotted "
                       "red line is the balanced ratio 1. Whether the tail lines rise towards 1 "
                       "shows whether the loss is equalising the classes."),
     }
+
+
+def _ratio_groups(task: str, metrics: Optional[Dict[str, Any]], counts: Any) -> Any:
+    """The frequency groups of the run's classes, as its metrics define them (``group_bounds``
+    over the training counts; segmentation: over the pixel share), LVIS groups for detection;
+    None when they cannot be told."""
+    import torch
+
+    from ..data.frequency import FrequencyGroups, lvis_groups
+
+    if counts is None:
+        return None
+    values = torch.as_tensor(counts, dtype=torch.float64)
+    if task == "det":
+        return lvis_groups(values)
+    bounds = (metrics or {}).get("group_bounds")
+    if not bounds:
+        return None
+    if task == "seg":
+        values = values / values.sum().clamp(min=1)
+    masks, kept = {}, {}
+    for name, (low, high) in bounds.items():
+        low = -math.inf if low is None else float(low)
+        high = math.inf if high is None else float(high)
+        masks[name], kept[name] = (values > low) & (values <= high), (low, high)
+    return FrequencyGroups(masks=masks, bounds=kept)
+
+
+def group_ratio_text(runs: Sequence[Dict[str, Any]]) -> str:
+    """One sentence giving each run's mean gradient ratio per frequency group
+    (:func:`eqlosses.monitor.diagnosis.group_ratios` of its latest statistics), or ``""``."""
+    from ..monitor.diagnosis import group_ratios
+
+    parts = []
+    for run in runs:
+        latest = run.get("latest_stats")
+        if not latest or latest.get("pos_grad") is None or latest.get("neg_grad") is None:
+            continue
+        groups = _ratio_groups(task_of(run), run.get("metrics"), run.get("train_counts"))
+        if groups is None:
+            continue
+        try:
+            ratios = group_ratios(latest, run["train_counts"], groups)
+        except ValueError:
+            continue
+        parts.append(f"{run['name']}: " + ", ".join(
+            f"{g} {v:.3g}" for g, v in ratios.items()))
+    if not parts:
+        return ""
+    return (" Mean ratio P/N per frequency group at the last recorded step (1 = balanced): "
+            + "; ".join(parts) + ".")
 
 
 def _draw(missing: List[str], what: str, make: Callable[[], Any]) -> bool:
@@ -449,9 +510,10 @@ def report_run(run_dir: Path) -> Path:
     missing = list(run["notes"])
     images: List[ReportImage] = []
 
-    def add(key: str, png: Path, title: str, what: str, make: Callable[[Path], Any]) -> None:
+    def add(key: str, png: Path, title: str, what: str, make: Callable[[Path], Any],
+            caption: Optional[str] = None) -> None:
         if _draw(missing, what, lambda: make(png)):
-            images.append(ReportImage(png, title, captions[key]))
+            images.append(ReportImage(png, title, caption or captions[key]))
 
     if any(r.get("kind") in ("step", "eval") for r in run["log"]):
         add("curves", out / "training_curves.png", "Training curves", "training curves",
@@ -470,7 +532,8 @@ def report_run(run_dir: Path) -> Path:
     if run["stats"] is not None and latest is not None:
         add("ratio", out / "gradient_ratio.png",
             f"Gradient ratio per class at step {latest['step']}", "gradient-ratio figure",
-            lambda png: plots.plot_gradient_ratio(latest, counts, png, class_names=names))
+            lambda png: plots.plot_gradient_ratio(latest, counts, png, class_names=names),
+            captions["ratio"] + group_ratio_text([run]))
         add("evolution", out / "ratio_evolution.png", "Gradient ratio during training",
             "ratio-evolution figure",
             lambda png: plots.plot_ratio_evolution(run["stats"], counts, png,
@@ -517,7 +580,11 @@ def compare_runs(run_dirs: Sequence[Path], out_dir: Path, title: str = "eqlosses
 
     The runs must be of one task and trained on the same data (class counts). Writes
     ``table.txt``, the figures and ``report.html`` into ``out_dir``; returns ``{"table",
-    "report", "images"}`` (the images as paths).
+    "report", "images"}`` (the images as paths). Runs with gradient statistics (every loss of
+    the pipelines records them, the baselines with ``track_statistics``) get one figure of
+    their per-class gradient ratios side by side (``gradient_ratio_runs.png``: the paper's
+    figure 1 for, e.g., cross-entropy next to Softmax-EQL), captioned with each run's mean
+    ratio per frequency group, then their ratio evolutions and one ratio figure per run.
     """
     from ..monitor import plots
     from ..monitor.report import ReportImage, write_html_report
@@ -573,6 +640,12 @@ def compare_runs(run_dirs: Sequence[Path], out_dir: Path, title: str = "eqlosses
     for run in runs:
         missing.extend(f"{run['name']}: {n}" for n in run["notes"])
     if with_stats:
+        add("ratio_runs", out_dir / "gradient_ratio_runs.png",
+            "Gradient ratio per class, per run", "gradient-ratio comparison figure",
+            lambda png: plots.plot_gradient_ratio_runs(
+                {r["name"]: r["latest_stats"] for r in with_stats}, counts, png,
+                class_names=names),
+            captions["ratio_runs"] + group_ratio_text(with_stats))
         add("evolution", out_dir / "ratio_evolution.png",
             "Gradient ratio during training, per run", "ratio-evolution figure",
             lambda png: plots.plot_ratio_evolution_runs(
