@@ -52,6 +52,18 @@ class DataConfig:
     augment: bool = True
     #: input size for image-list / image-folder data (resized and cropped)
     image_size: int = 224
+    #: a validation split carved from the training data, evaluated *instead of* the test set
+    #: (choose settings on it, never on the test set; both off by default).
+    #: ``val_fraction`` in (0, 1): a seeded, stratified hold-out of each class of the
+    #: training set, round(fraction * n_k) images but at least ``val_min_per_class``, and
+    #: never a class's last training image (a one-image class stays whole in training).
+    #: ``val_per_class`` > 0 (``fashion_mnist`` only): a balanced set of that many images per
+    #: class from the training-split images the long-tailed subset leaves out; the training
+    #: subset is unchanged. ``val_seed`` seeds either draw.
+    val_fraction: float = 0.0
+    val_min_per_class: int = 1
+    val_per_class: int = 0
+    val_seed: int = 0
 
 
 @dataclass
@@ -351,6 +363,8 @@ _LOWER_BOUNDS = {
     ("data", "batch_size"): (1, True), ("data", "eval_batch_size"): (1, True),
     ("data", "num_workers"): (0, True), ("data", "imbalance"): (1, True),
     ("data", "n_max"): (1, True), ("data", "rfs_threshold"): (0, False),
+    ("data", "val_fraction"): (0, True), ("data", "val_min_per_class"): (0, True),
+    ("data", "val_per_class"): (0, True),
     ("data", "image_size"): (8, True), ("model", "width"): (1, True),
     ("model", "cosine_scale"): (0, False), ("optim", "lr"): (0, False),
     ("optim", "epochs"): (1, True), ("optim", "warmup_epochs"): (0, True),
@@ -385,6 +399,12 @@ def validate(cfg: AnyConfig) -> AnyConfig:
     if isinstance(cfg, DetectionConfig) and cfg.eval.rare_max > cfg.eval.common_max:
         raise ConfigError(f"eval.rare_max ({cfg.eval.rare_max}) must not exceed "
                           f"eval.common_max ({cfg.eval.common_max})")
+    if isinstance(cfg, ClassificationConfig) and not cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be < 1, got {cfg.data.val_fraction}")
+    if isinstance(cfg, ClassificationConfig) and cfg.data.val_fraction and \
+            cfg.data.val_per_class:
+        raise ConfigError("data.val_fraction and data.val_per_class choose two different "
+                          "validation splits; set one of them")
     if isinstance(cfg, ClassificationConfig) and cfg.eval.few_below > cfg.eval.many_above + 1:
         raise ConfigError(f"eval.few_below ({cfg.eval.few_below}) must not exceed "
                           f"eval.many_above + 1 ({cfg.eval.many_above + 1})")

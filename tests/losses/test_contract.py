@@ -52,8 +52,9 @@ def test_each_declared_head_builds_fits_and_trains(name, head):
     assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
     scores = loss.scores(logits.detach())
     assert scores.shape[1] == C and torch.all((scores >= 0) & (scores <= 1))
-    if traits.gradient_statistics:
+    if traits.gradient_statistics or traits.track_statistics:  # the baselines track them
         assert int(loss.stats.num_updates) == 1
+        assert float(loss.stats.pos_grad.sum() + loss.stats.neg_grad.sum()) > 0
     else:
         assert not hasattr(loss, "stats")
 
@@ -134,7 +135,8 @@ def test_losses_for_each_head():
     assert losses_for("roi") == ["bce", "ce", "eql", "eql_softmax", "federated", "seesaw",
                                  "sigmoid_eql"]
     assert losses_for("dense") == ["bce", "efl", "eqfl", "eql", "federated", "focal"]
-    assert losses_for("seg") == ["balanced_softmax", "ce", "focal", "softmax_eql"]
+    assert losses_for("seg") == ["balanced_softmax", "ce", "focal", "softmax_eql",
+                                 "softmax_eql_x"]
     assert "seesaw" not in losses_for("cls") and "eqfl" not in losses_for("cls")
     assert {"softmax_eql", "balanced_softmax", "sigmoid_eql", "efl"} <= set(losses_for("cls"))
     assert losses_for("det") == sorted(set(losses_for("roi")) | set(losses_for("dense")))

@@ -19,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from eqlosses import GradientStatistics
+from eqlosses.losses import SoftmaxEQLVariantLoss
 from eqlosses.losses import (LOSSES, BalancedSoftmaxLoss, BCELoss, CrossEntropyLoss, EQLLoss,
                              EQLSoftmaxLoss, EqualizedFocalLoss, EqualizedQualityFocalLoss,
                              FederatedLoss, FocalLoss, SeesawLoss, SigmoidEQLLoss, SoftmaxEQLLoss)
@@ -121,6 +122,9 @@ CASES = {
     "focal": (lambda **kw: FocalLoss(C, **kw), 0, C, False, {}),
     "softmax_eql": (lambda **kw: SoftmaxEQLLoss(C, **kw), 0, C - 1, False, {}),
     "softmax_eql_seg": (lambda **kw: SoftmaxEQLLoss(C, **kw), 0, C - 1, True, {}),
+    "softmax_eql_x": (lambda **kw: SoftmaxEQLVariantLoss(C, source="raw", decay=0.9,
+                                                         tau_warmup=3, **kw), 0, C - 1, False,
+                      {}),
     "balanced_softmax": (lambda **kw: BalancedSoftmaxLoss(C, _counts(), **kw), 0, C - 1, False,
                          {}),
     "ce": (lambda **kw: CrossEntropyLoss(C, **kw), 0, C - 1, False, {}),
@@ -131,6 +135,26 @@ CASES = {
                   {}),
     "bce": (lambda **kw: BCELoss(C, **kw), 0, C, False, {}),
     "seesaw": (lambda **kw: SeesawLoss(C, **kw), 2, C, False, {}),
+    # the baselines recording their gradient statistics (track_statistics=True)
+    "ce_tracked": (lambda **kw: CrossEntropyLoss(C, track_statistics=True, **kw), 0, C - 1,
+                   False, {}),
+    "ce_seg_tracked": (lambda **kw: CrossEntropyLoss(C, track_statistics=True, **kw), 0,
+                       C - 1, True, {}),
+    "ce_bg_tracked": (lambda **kw: CrossEntropyLoss(C, background=True, track_statistics=True,
+                                                    **kw), 1, C, False, {}),
+    "balanced_softmax_tracked": (lambda **kw: BalancedSoftmaxLoss(
+        C, _counts(), track_statistics=True, **kw), 0, C - 1, False, {}),
+    "bce_tracked": (lambda **kw: BCELoss(C, objectness=True, track_statistics=True, **kw), 1, C,
+                    False, {}),
+    "focal_tracked": (lambda **kw: FocalLoss(C, track_statistics=True, **kw), 0, C, False, {}),
+    "eql_tracked": (lambda **kw: EQLLoss(C, _counts() / 100, lambda_=0.03,
+                                         track_statistics=True, **kw), 0, C, False, {}),
+    "federated_tracked": (lambda **kw: FederatedLoss(C, _counts(), num_sampled=2,
+                                                     track_statistics=True, **kw), 0, C, False,
+                          {}),
+    "eql_softmax_tracked": (lambda **kw: EQLSoftmaxLoss(C, _counts() / 100, lambda_=0.03,
+                                                        track_statistics=True, **kw), 0, C - 1,
+                            False, {}),
 }
 
 
@@ -187,6 +211,11 @@ SYNCS_WITH_VALIDATION = {
     "sigmoid_eql": (2, 3), "efl": (2, 3), "eqfl": (2, 3), "softmax_eql": (3, 4),
     "softmax_eql_seg": (2, 3), "focal": (1, 2), "balanced_softmax": (2, 3), "ce": (2, 3),
     "eql_softmax": (2, 3), "eql": (1, 2), "federated": (1, 2), "bce": (1, 2), "seesaw": (4, 5),
+    "softmax_eql_x": (4, 5),  # raw statistics: one more underflow check than softmax_eql
+    # track_statistics=True: one more, the statistics update's "skipped" warning
+    "ce_tracked": (3, 4), "ce_seg_tracked": (2, 3), "ce_bg_tracked": (3, 4),
+    "balanced_softmax_tracked": (3, 4), "bce_tracked": (2, 3), "focal_tracked": (2, 3),
+    "eql_tracked": (2, 3), "federated_tracked": (2, 3), "eql_softmax_tracked": (3, 4),
 }
 
 

@@ -243,3 +243,46 @@ def test_a_user_loss_that_declares_traits_trains_in_the_pipeline(tmp_path):
         "name": loss, "margin": 0.5}
     with pytest.raises(ValueError, match="margin must be a number >= 0"):
         _cfg(tmp_path, f"loss.name={loss}", "loss.margin=-1")
+
+
+def test_validation_split_is_carved_from_the_training_data(tmp_path):
+    plain = cls.build_data(_cfg(tmp_path))
+    held = cls.build_data(_cfg(tmp_path, "data.val_fraction=0.1", "data.val_seed=3"))
+    # the default evaluates on the test set (3,000 images); the hold-out is 10% of each class
+    # of the 2,478 training images (at least one), and the training set loses exactly those
+    assert len(plain.val) == 3000 and len(plain.train) == 2478
+    val_counts = torch.bincount(torch.tensor([held.val[i][1] for i in range(len(held.val))]),
+                                minlength=10)
+    assert val_counts.tolist() == [100, 60, 36, 22, 13, 8, 5, 3, 2, 1]
+    train_counts = torch.bincount(torch.as_tensor(held.train_labels), minlength=10)
+    assert (train_counts + val_counts).tolist() == [1000, 599, 359, 215, 129, 77, 46, 27, 16,
+                                                    10]
+    # the validation images are training images, none of them kept for training
+    train_images = {plain.train.base[i][0].numpy().tobytes() for i in range(len(plain.train))}
+    kept = {held.train.base[i][0].numpy().tobytes() for i in range(len(held.train))}
+    val_images = {held.val[i][0].numpy().tobytes() for i in range(len(held.val))}
+    assert val_images <= train_images and not val_images & kept
+    again = cls.build_data(_cfg(tmp_path, "data.val_fraction=0.1", "data.val_seed=3"))
+    assert torch.equal(torch.stack([again.val[i][0] for i in range(20)]),
+                       torch.stack([held.val[i][0] for i in range(20)]))
+
+
+def test_validation_split_choices_are_checked(tmp_path):
+    from eqlosses.config import ConfigError
+
+    with pytest.raises(ConfigError, match="one of them"):
+        _cfg(tmp_path, "data.val_fraction=0.1", "data.val_per_class=5")
+    with pytest.raises(ConfigError, match="val_fraction"):
+        _cfg(tmp_path, "data.val_fraction=1.0")
+    with pytest.raises(ValueError, match="fashion_mnist only"):
+        cls.build_data(_cfg(tmp_path, "data.val_per_class=5"))
+
+
+def test_training_with_a_validation_split_evaluates_on_it(tmp_path):
+    result = cls.train(_cfg(tmp_path, "optim.epochs=1", "data.val_fraction=0.2", name="v"))
+    rows = torch.tensor(result["metrics"]["confusion_matrix"]).sum(dim=1)
+    assert rows.tolist() == [200, 120, 72, 43, 26, 15, 9, 5, 3, 2]
+    # resuming with another split is refused (the training set differs)
+    with pytest.raises(ValueError, match="val_fraction"):
+        cls.train(_cfg(tmp_path, "optim.epochs=2", "data.val_fraction=0.3", name="v"),
+                  resume=True)

@@ -13,6 +13,7 @@ from .seesaw import SeesawLoss
 from .sigmoid import BCELoss, EQLLoss, FederatedLoss
 from .sigmoid_eql import SigmoidEQLLoss
 from .softmax import BalancedSoftmaxLoss, CrossEntropyLoss, EQLSoftmaxLoss, SoftmaxEQLLoss
+from .softmax_eql_variants import SoftmaxEQLVariantLoss  # registers softmax_eql_x
 
 __all__ = [
     "LOSSES", "HEADS", "TASK_HEADS", "build_loss", "build_loss_for", "check_fits",

@@ -81,6 +81,10 @@ def build_data(cfg: ClassificationConfig) -> ClassificationData:
     d = cfg.data
     if d.name in ("embedded", "fashion_mnist"):
         from ..data.idx import FASHION_MNIST_CLASSES
+        if d.val_per_class and d.name != "fashion_mnist":
+            raise ValueError("data.val_per_class draws from the training images a long-tailed "
+                             "subset leaves out: data.name=fashion_mnist only (use "
+                             "data.val_fraction for the other data sets)")
         if d.name == "embedded":
             from ..data.embedded import load_embedded
             (x_tr, y_tr), (x_te, y_te) = load_embedded("train"), load_embedded("test")
@@ -90,7 +94,16 @@ def build_data(cfg: ClassificationConfig) -> ClassificationData:
             x_tr, y_tr = load_fashion_mnist(d.root, "train")
             x_te, y_te = load_fashion_mnist(d.root, "test")
             keep = longtail_indices(y_tr, 10, d.imbalance, n_max=d.n_max, seed=d.subset_seed)
+            if d.val_per_class:  # balanced, from the training images the subset left out
+                from ..data.split import balanced_holdout
+                held = balanced_holdout(y_tr, keep, d.val_per_class, 10, d.val_seed)
+                x_te, y_te = x_tr[held], y_tr[held]
             x_tr, y_tr = x_tr[keep], y_tr[keep]
+        if d.val_fraction:  # stratified hold-out of the (long-tailed) training set
+            from ..data.split import stratified_holdout
+            fit, held = stratified_holdout(y_tr, d.val_fraction, d.val_min_per_class,
+                                           d.val_seed)
+            x_te, y_te, x_tr, y_tr = x_tr[held], y_tr[held], x_tr[fit], y_tr[fit]
         norm = dict(mean=(0.286,), std=(0.353,))
         train = datasets.ArrayImageDataset(x_tr, y_tr, **norm)
         val = datasets.ArrayImageDataset(x_te, y_te, **norm)
@@ -114,8 +127,21 @@ def build_data(cfg: ClassificationConfig) -> ClassificationData:
             train = datasets.image_folder(str(Path(d.root) / "train"), transform=tf_train)
             val = datasets.image_folder(str(Path(d.root) / "val"), transform=tf_val)
         names = [str(i) for i in range(train.num_classes)]
-        return ClassificationData(train, val, np.asarray(train.labels), train.num_classes, 3,
-                                  d.image_size, names)
+        labels = np.asarray(train.labels)
+        if d.val_fraction:  # stratified hold-out of the training files, with val transforms
+            from torch.utils.data import Subset
+
+            from ..data.split import stratified_holdout
+            fit, held = stratified_holdout(labels, d.val_fraction, d.val_min_per_class,
+                                           d.val_seed)
+            if d.name == "list":
+                plain = datasets.ImageListDataset(d.root, d.train_list, transform=tf_val,
+                                                  num_classes=train.num_classes)
+            else:
+                plain = datasets.image_folder(str(Path(d.root) / "train"), transform=tf_val)
+            val, train, labels = Subset(plain, held.tolist()), Subset(train, fit.tolist()), \
+                labels[fit]
+        return ClassificationData(train, val, labels, len(names), 3, d.image_size, names)
     raise ValueError(f"unknown data.name '{d.name}'; choose embedded, fashion_mnist, list or "
                      f"folder")
 
@@ -202,7 +228,10 @@ def build_job(cfg: ClassificationConfig, device: torch.device) -> Job:
                sampler_labels=data.train_labels, num_classes=data.num_classes, step=step,
                evaluate=run_evaluation, summary_keys=("top1", "balanced_accuracy"),
                layout={"data": d.name, "imbalance": d.imbalance, "n_max": d.n_max,
-                       "subset_seed": d.subset_seed, "augment": d.augment},
+                       "subset_seed": d.subset_seed, "augment": d.augment,
+                       **({"val_fraction": d.val_fraction, "val_min_per_class":
+                           d.val_min_per_class, "val_seed": d.val_seed}
+                          if d.val_fraction else {})},
                start_info={"train_counts": counts.tolist(), "groups": groups.group_of()},
                result_info={"train_counts": counts.tolist(), "class_names": data.class_names},
                loss_generator=loss_generator)

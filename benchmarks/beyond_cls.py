@@ -1,0 +1,240 @@
+"""Beyond the paper (issue 13): gradient-driven Softmax-EQL variants vs cross-entropy, balanced
+softmax and the paper's Softmax-EQL on Fashion-MNIST-LT, settings chosen on a validation split.
+
+Protocol (the issue's): ``eqlosses train cls`` pipeline, n_max 1000, imbalance 100 (and 10),
+100 epochs, SGD lr 0.05 cosine, batch 128, weight decay 5e-4, small_cnn width 16. Every run
+is trained with ``data.val_per_class=500``: a balanced validation set of 500 images per class
+drawn from the Fashion-MNIST *training* images that the long-tailed subset leaves out (the
+training subset itself is unchanged), and its ``metrics.json`` holds the validation accuracy.
+Settings are chosen on that (``val`` table). The test set (10,000 images) is read only for
+the final settings (``FINAL``), once per run, from its checkpoint (``test_metrics.json``).
+
+    # train (resumable: finished runs are reused; run two in parallel with disjoint --tags)
+    python benchmarks/beyond_cls.py train --imbalance 100 --seeds 0 --tags bs eql_t1
+    # tables and plots (evaluates the FINAL settings' checkpoints on the test set once)
+    python benchmarks/beyond_cls.py report
+
+Outputs in ``benchmarks/results/beyond_cls``: ``table.md`` (test, final settings),
+``val_table.md`` (every screened setting), ``per_class.md``, ``indicator_*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+from eqlosses.config import load_config
+from eqlosses.tasks.classification import evaluate_checkpoint, run_dir_for, train
+
+OUT = Path("benchmarks/results/beyond_cls")
+
+#: setting tag -> (loss name, loss arguments, description)
+SETTINGS: Dict[str, tuple] = {
+    "ce": ("ce", {}, "cross-entropy"),
+    "bs": ("balanced_softmax", {}, "balanced softmax (class counts given)"),
+    "eql_t1": ("softmax_eql", {"tau": 1.0}, "paper Softmax-EQL, tau 1"),
+    "eql_t2": ("softmax_eql", {"tau": 2.0}, "paper Softmax-EQL, tau 2"),
+    "eql_neg": ("softmax_eql", {"indicator": "neg"}, "paper Softmax-EQL, 'neg' indicator"),
+    "raw_pos": ("softmax_eql_x", {"source": "raw"},
+                "'pos' of the unadjusted logits, tau 1"),
+    "raw_pos_t15": ("softmax_eql_x", {"source": "raw", "tau": 1.5},
+                    "'pos' of the unadjusted logits, tau 1.5"),
+    "raw_ratio": ("softmax_eql_x", {"source": "raw", "indicator": "ratio"},
+                  "pos/neg ratio of the unadjusted logits, tau 1"),
+    "raw_pos_ema": ("softmax_eql_x", {"source": "raw", "decay": 0.99},
+                    "'pos' of the unadjusted logits, decaying average (0.99/step)"),
+    "pos_ema": ("softmax_eql_x", {"decay": 0.99},
+                "paper 'pos', decaying average (0.99/step)"),
+    "raw_pos_warm": ("softmax_eql_x", {"source": "raw", "tau_warmup": 400},
+                     "'pos' of the unadjusted logits, tau ramped 0 -> 1 over 400 steps"),
+}
+
+#: the settings evaluated on the test set (chosen on the validation table; see the docs page)
+FINAL: List[str] = ["ce", "bs", "eql_t2", "raw_pos_t15"]
+
+COLUMNS = (("overall", "top1"), ("many", "many"), ("medium", "medium"), ("few", "few"))
+EPOCHS = 100
+
+
+def config_for(tag: str, imbalance: float, seed: int, epochs: int = EPOCHS):
+    loss, kwargs, _ = SETTINGS[tag]
+    overrides = [f"output_dir={OUT / 'runs'}", f"name=r{imbalance:g}-{tag}-s{seed}",
+                 "data.name=fashion_mnist", f"data.imbalance={imbalance}", "data.n_max=1000",
+                 "data.val_per_class=500", "model.width=16", f"loss.name={loss}",
+                 f"seed={seed}", f"optim.epochs={epochs}", f"eval.every_epochs={epochs}",
+                 "progress=false", "tensorboard=false"]
+    overrides += [f"loss.{k}={v}" for k, v in kwargs.items()]
+    return load_config(None, overrides)
+
+
+def _value(metrics: Dict[str, Any], key: str) -> float:
+    return 100 * (metrics["top1"] if key == "top1" else metrics["groups"][key])
+
+
+def _cell(values: List[float]) -> str:
+    if any(math.isnan(v) for v in values):
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def cmd_train(args) -> int:
+    torch.set_num_threads(1)
+    for imbalance in args.imbalance:
+        for tag in args.tags:
+            for seed in args.seeds:
+                cfg = config_for(tag, imbalance, seed)
+                done = run_dir_for(cfg) / "metrics.json"
+                if done.is_file():
+                    continue
+                start = time.time()
+                metrics = train(cfg, overwrite=True)["metrics"]
+                print(f"r{imbalance:g} {tag} s{seed}: val top1 {100 * metrics['top1']:.2f} "
+                      f"few {100 * metrics['groups']['few']:.1f} ({time.time() - start:.0f} s)",
+                      flush=True)
+    return 0
+
+
+def _runs(imbalance: float, tag: str) -> Dict[int, Path]:
+    found = {}
+    for seed in range(10):
+        run = run_dir_for(config_for(tag, imbalance, seed))
+        if (run / "metrics.json").is_file():
+            found[seed] = run
+    return found
+
+
+def test_metrics(run: Path) -> Dict[str, Any]:
+    """The run's test-set metrics, computed once from its checkpoint and cached."""
+    cached = run / "test_metrics.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    metrics, _ = evaluate_checkpoint(run / "checkpoint.pt", "cpu", ["data.val_per_class=0"])
+    cached.write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def _table(rows, header: str) -> List[str]:
+    lines = [header, "", "| imbalance | setting | seeds | overall | many | medium | few |",
+             "|---|---|---|---|---|---|---|"]
+    for imbalance, tag, seeds, runs in rows:
+        cells = [_cell([_value(m, key) for m in runs]) for _, key in COLUMNS]
+        lines.append(f"| {imbalance:g} | {tag}: {SETTINGS[tag][2]} | "
+                     f"{','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def cmd_report(args) -> int:
+    torch.set_num_threads(1)
+    OUT.mkdir(parents=True, exist_ok=True)
+    protocol = ("Fashion-MNIST-LT (n_max 1000), small_cnn width 16, 100 epochs, SGD lr 0.05 "
+                "cosine, batch 128, weight decay 5e-4; accuracy (%), mean ± std over seeds; "
+                "many > 100, medium 20-100, few < 20 training images.")
+    val_rows, test_rows, per_class = [], [], []
+    for imbalance in args.imbalance:
+        for tag in SETTINGS:
+            runs = _runs(imbalance, tag)
+            if not runs:
+                continue
+            metrics = [json.loads((r / "metrics.json").read_text())["metrics"]
+                       for r in runs.values()]
+            val_rows.append((imbalance, tag, list(runs), metrics))
+            if tag in FINAL:
+                tests = [test_metrics(r) for r in runs.values()]
+                test_rows.append((imbalance, tag, list(runs), tests))
+                pc = [[100 * a for a in m["per_class_accuracy"]] for m in tests]
+                mean = [statistics.mean(col) for col in zip(*pc)]
+                per_class.append((imbalance, tag, mean))
+    val = _table(val_rows, "Validation split (500 images per class from the training images "
+                           "the long-tailed subset leaves out; settings were chosen on this). "
+                 + protocol)
+    test = _table(test_rows, "Test set (10,000 images), final settings only, each run "
+                             "evaluated once. " + protocol)
+    lines = ["Per-class test accuracy (%), mean over the seeds of the test table; classes "
+             "0..9 in decreasing training count.", "",
+             "| imbalance | setting | " + " | ".join(str(k) for k in range(10)) + " |",
+             "|---|---|" + "---|" * 10]
+    for imbalance, tag, mean in per_class:
+        lines.append(f"| {imbalance:g} | {tag} | " + " | ".join(f"{v:.1f}" for v in mean) + " |")
+    (OUT / "val_table.md").write_text("\n".join(val) + "\n")
+    (OUT / "table.md").write_text("\n".join(test) + "\n")
+    (OUT / "per_class.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(val + [""] + test + [""] + lines))
+    plot_indicators(args)
+    return 0
+
+
+def plot_indicators(args) -> None:
+    """For each gradient-driven setting (seed 0), against the training step: the indicator
+    relative to the class counts, ``(I_j / I_head) / (n_j / n_head)`` (1: the indicator is the
+    class prior), and the margin in force relative to balanced softmax's,
+    ``(a_j - a_head) - log(n_j / n_head)`` in nats (0: balanced softmax's margin)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from eqlosses.monitor.recorder import read_stats
+
+    for imbalance in args.imbalance:
+        tags = [t for t in SETTINGS if SETTINGS[t][0] in ("softmax_eql", "softmax_eql_x")
+                and 0 in _runs(imbalance, t)]
+        if not tags:
+            continue
+        fig, axes = plt.subplots(2, len(tags), figsize=(3.6 * len(tags) + 1.0, 6.4),
+                                 squeeze=False, sharey="row")
+        for col, tag in enumerate(tags):
+            run = _runs(imbalance, tag)[0]
+            counts = np.asarray(json.loads((run / "metrics.json").read_text())["train_counts"],
+                                dtype=float)
+            h = read_stats(run, fields=["terms"])
+            ind = np.maximum(np.asarray(h.terms["indicator"], dtype=float), 1e-12)
+            margin = np.asarray(h.terms["margin"], dtype=float)
+            rel = (ind / ind[:, :1]) / (counts / counts[0])
+            extra = (margin - margin[:, :1]) - np.log(counts / counts[0])
+            for j in range(ind.shape[1]):
+                color = plt.cm.viridis(j / max(ind.shape[1] - 1, 1))
+                axes[0, col].plot(h.steps, rel[:, j], color=color, lw=1,
+                                  label=f"class {j} (n={counts[j]:g})")
+                axes[1, col].plot(h.steps, extra[:, j], color=color, lw=1)
+            axes[0, col].axhline(1.0, color="red", ls=":", lw=1)
+            axes[1, col].axhline(0.0, color="red", ls=":", lw=1)
+            axes[0, col].set_yscale("log")
+            axes[0, col].set_title(tag, fontsize=9)
+            axes[1, col].set_xlabel("training step")
+        axes[0, 0].set_ylabel("(I_j / I_head) / (n_j / n_head)")
+        axes[1, 0].set_ylabel("margin - balanced softmax's (nats)")
+        axes[0, -1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        fig.suptitle(f"Fashion-MNIST-LT, imbalance {imbalance:g}, seed 0: indicator vs class "
+                     f"counts (dotted red: the class prior / balanced softmax)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(OUT / f"indicator_r{imbalance:g}.png", dpi=110)
+        plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("train", help="train the runs that are not finished yet")
+    p.add_argument("--imbalance", type=float, nargs="+", default=[100.0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--tags", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("report", help="tables and plots from the finished runs")
+    p.add_argument("--imbalance", type=float, nargs="+", default=[100.0, 10.0])
+    p.set_defaults(func=cmd_report)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

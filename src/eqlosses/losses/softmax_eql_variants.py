@@ -1,0 +1,134 @@
+"""Softmax-EQL variants beyond the paper (issue 13), registered as ``softmax_eql_x``.
+
+The paper's loss (:class:`~eqlosses.losses.SoftmaxEQLLoss`, ``softmax_eql``) is unchanged and
+stays the default; these variants change *which* gradient statistics set the margins, never
+the form of the loss, and none of them is given class counts. See ``docs/beyond-the-paper.md``
+for what they were measured to do.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from ..functional._common import compute_dtype
+from ..functional.softmax import _adjusted_cross_entropy, _check_softmax_inputs
+from ..functional.softmax_eql_variants import INDICATORS, eql_indicator, raw_softmax_increments
+from ..stats import GradientStatistics
+from .base import GradientDrivenLoss
+from .contract import REDUCTION, LossTraits, Param
+from .registry import register_loss
+from .softmax import _SoftmaxScores
+
+__all__ = ["SoftmaxEQLVariantLoss", "STATISTICS_SOURCES"]
+
+#: where the gradient statistics are taken: the adjusted logits (paper) or the raw ones
+STATISTICS_SOURCES = ("adjusted", "raw")
+
+
+@register_loss("softmax_eql_x")
+class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
+    """Softmax-EQL with a choice of statistics, indicator, averaging and tau schedule.
+
+        z~_nj = z_nj + tau_t log(max(I_j, eps) / max(I_{y_n}, eps))   (j != y_n)
+        loss = CrossEntropy(z~, y)
+
+    * ``source="adjusted"`` (the paper): ``self.stats`` accumulates ``|d CE(z~, y)/d z|
+      = |softmax(z~) - y|``. ``"raw"``: the gradient of plain cross-entropy at the raw logits,
+      ``|softmax(z) - y|`` (:func:`~eqlosses.functional.softmax_eql_variants.raw_softmax_increments`),
+      which does not shrink or grow with the margins the statistics set.
+    * ``indicator``: ``"pos"`` ``I = P``, ``"neg"`` ``I = Nn``, ``"ratio"`` ``I = P / Nn``.
+    * ``decay``: 1 (default) uses the cumulative sums; below 1, ``I`` is read off decaying
+      sums ``S_t = decay * S_{t-1} + inc_t`` (buffers ``avg_pos``, ``avg_neg``), which forget
+      the early steps (``decay=0.99``: a horizon of about 100 steps). ``self.stats`` keeps the
+      cumulative sums in either case (monitoring, checkpoints).
+    * ``tau_warmup``: ``tau_t = tau * min(1, updates / tau_warmup)`` (0: constant ``tau``).
+
+    With the defaults it computes exactly the paper's loss and statistics. Weights at step t
+    use the statistics through step t - 1; evaluation forwards update nothing.
+
+    Example:
+        >>> crit = SoftmaxEQLVariantLoss(3, source="raw")
+        >>> loss = crit(torch.zeros(2, 3, requires_grad=True), torch.tensor([0, 0]))
+        >>> crit.stats.pos_grad  # (1 - 1/3) per row, mean over 2 rows, for class 0
+        tensor([0.6667, 0.0000, 0.0000], dtype=torch.float64)
+        >>> crit.class_terms()["margin"]
+        tensor([-0.4055, -9.2103, -9.2103], dtype=torch.float64)
+    """
+
+    traits = LossTraits(
+        activation="softmax", backgrounds={"none": {}}, heads=("cls", "seg"),
+        params={"tau": Param(float, low=0), "eps": Param(float, low=0, low_open=True),
+                "indicator": Param(str, choices=INDICATORS),
+                "source": Param(str, choices=STATISTICS_SOURCES,
+                                    doc="gradient of the adjusted (paper) or raw logits"),
+                "decay": Param(float, low=0, high=1, low_open=True,
+                               doc="1: cumulative sums; < 1: decaying sums"),
+                "tau_warmup": Param(int, low=0, doc="steps over which tau ramps up from 0"),
+                "reduction": REDUCTION},
+        pixels="native", gradient_statistics=True)
+
+    def __init__(self, num_classes: int, tau: float = 1.0, eps: float = 1e-4,
+                 indicator: str = "pos", source: str = "adjusted", decay: float = 1.0,
+                 tau_warmup: int = 0, ignore_index: int = -100, reduction: str = "mean",
+                 stats: Optional[GradientStatistics] = None, *, validate: bool = True):
+        super().__init__(num_classes, ignore_index, reduction, stats, validate=validate)
+        self._set_hparams(tau=tau, eps=eps, indicator=indicator, source=source,
+                          decay=decay, tau_warmup=tau_warmup)
+        self.num_channels = num_classes
+        if self.decay < 1:
+            self.register_buffer("avg_pos", torch.zeros(num_classes, dtype=torch.float64))
+            self.register_buffer("avg_neg", torch.zeros(num_classes, dtype=torch.float64))
+
+    def indicator_values(self) -> torch.Tensor:
+        """``[C]`` the indicator ``I`` in force (from the cumulative or decaying sums)."""
+        if self.decay < 1:
+            return eql_indicator(self.avg_pos, self.avg_neg, self.indicator)
+        return eql_indicator(self.stats.pos_grad, self.stats.neg_grad, self.indicator)
+
+    def current_tau(self) -> torch.Tensor:
+        """``tau_t`` (a 0-d tensor on the statistics' device; no host synchronisation)."""
+        tau = torch.as_tensor(self.tau, dtype=torch.float64, device=self.stats.pos_grad.device)
+        if self.tau_warmup:
+            ramp = self.stats.num_updates.to(torch.float64) / self.tau_warmup
+            tau = tau * ramp.clamp(max=1.0)
+        return tau
+
+    def adjustment(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``[C]`` per-class logit offsets ``a_j = tau_t log(max(I_j, eps))`` in ``dtype``
+        (the forward pass uses the logits' compute dtype, as the paper's loss does)."""
+        log_i = torch.log(self.indicator_values().to(dtype).clamp(min=self.eps))
+        if self.tau == 1 and not self.tau_warmup:
+            return log_i  # the same bits as SoftmaxEQLLoss
+        return (self.current_tau().to(dtype) * log_i).to(dtype)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self._check_state_device(logits)
+        update = self.updates_state
+        targets, all_valid = _check_softmax_inputs(logits, targets, self.num_channels,
+                                                   "Softmax-EQL variant", self.ignore_index,
+                                                   self.reduction, self.validate)
+        a = self.adjustment(compute_dtype(logits))
+        own = update and self.source == "adjusted"
+        res = _adjusted_cross_entropy(logits, targets, a, self.ignore_index, self.reduction,
+                                      want_stats=own, all_valid=all_valid)
+        if update:
+            if own:
+                pos, neg = res.pos_inc * res.scale, res.neg_inc * res.scale
+            else:
+                pos, neg = raw_softmax_increments(logits, targets, self.ignore_index,
+                                                  self.reduction, all_valid)
+            if self.decay < 1:
+                before = torch.stack([self.stats.pos_grad, self.stats.neg_grad]).clone()
+                applied = self.stats.update(pos, neg, warn=self.validate)
+                with torch.no_grad():
+                    inc = torch.stack([self.stats.pos_grad, self.stats.neg_grad]) - before
+                    for buf, d in ((self.avg_pos, inc[0]), (self.avg_neg, inc[1])):
+                        buf.copy_(torch.where(applied, self.decay * buf + d, buf))
+            else:
+                self._update_stats(pos, neg)
+        return res.loss
+
+    def class_terms(self) -> Dict[str, torch.Tensor]:
+        return {"indicator": self.indicator_values(), "margin": self.adjustment()}

@@ -1,0 +1,120 @@
+"""SoftmaxEQLVariantLoss (``softmax_eql_x``): paper-exact by default, and each variant."""
+
+import math
+
+import pytest
+import torch
+
+from eqlosses.losses import SoftmaxEQLLoss, SoftmaxEQLVariantLoss, build_loss, losses_for
+from eqlosses.losses.registry import loss_class
+
+
+def _batches(n=6, rows=48, c=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, c, generator=g) * 2, torch.randint(0, c, (rows,), generator=g))
+            for _ in range(n)]
+
+
+def _step(crit, logits, targets):
+    z = logits.clone().requires_grad_()
+    loss = crit(z, targets)
+    loss.backward()
+    return loss.detach(), z.grad
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"tau": 2.0}, {"indicator": "neg"}])
+def test_defaults_are_the_papers_loss_bit_for_bit(kwargs):
+    paper, variant = SoftmaxEQLLoss(5, **kwargs), SoftmaxEQLVariantLoss(5, **kwargs)
+    for logits, targets in _batches():
+        a, b = _step(paper, logits, targets), _step(variant, logits, targets)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(paper.stats.pos_grad, variant.stats.pos_grad)
+    assert torch.equal(paper.stats.neg_grad, variant.stats.neg_grad)
+
+
+def test_raw_statistics_are_those_of_plain_cross_entropy():
+    crit = SoftmaxEQLVariantLoss(5, source="raw")
+    pos = torch.zeros(5, dtype=torch.float64)
+    for logits, targets in _batches():
+        margin = crit.class_terms()["margin"]
+        loss, _ = _step(crit, logits, targets)
+        # the loss is CE over the adjusted logits ...
+        want = torch.nn.functional.cross_entropy(logits.double() + margin, targets)
+        assert math.isclose(loss.item(), want.item(), rel_tol=1e-5)
+        # ... while the statistics are (1 - softmax(z)_y) / N at the raw logits
+        p = torch.softmax(logits.double(), 1)
+        pos += torch.zeros(5, dtype=torch.float64).index_add_(
+            0, targets, 1 - p.gather(1, targets[:, None])[:, 0]) / len(targets)
+    torch.testing.assert_close(crit.stats.pos_grad, pos)
+    assert not torch.equal(crit.stats.pos_grad, _paper_after(_batches()).stats.pos_grad)
+
+
+def _paper_after(batches):
+    paper = SoftmaxEQLLoss(5)
+    for logits, targets in batches:
+        _step(paper, logits, targets)
+    return paper
+
+
+def test_decaying_sums_and_ratio_indicator():
+    decay = 0.5
+    crit = SoftmaxEQLVariantLoss(5, source="raw", indicator="ratio", decay=decay)
+    ref = SoftmaxEQLVariantLoss(5, source="raw", indicator="ratio")  # cumulative
+    s_pos = s_neg = torch.zeros(5, dtype=torch.float64)
+    for logits, targets in _batches():
+        before = crit.stats.pos_grad.clone(), crit.stats.neg_grad.clone()
+        _step(crit, logits, targets)
+        s_pos = decay * s_pos + (crit.stats.pos_grad - before[0])
+        s_neg = decay * s_neg + (crit.stats.neg_grad - before[1])
+        _step(ref, logits, targets)
+    torch.testing.assert_close(crit.avg_pos, s_pos)
+    torch.testing.assert_close(crit.indicator_values(), s_pos / s_neg)
+    # the decaying sums forget: they differ from the cumulative ones
+    assert not torch.allclose(crit.indicator_values(), ref.indicator_values())
+    assert {"avg_pos", "avg_neg"} <= set(crit.state_dict())
+
+
+def test_tau_warmup_ramps_the_margin():
+    crit = SoftmaxEQLVariantLoss(5, tau=2.0, tau_warmup=4)
+    full = SoftmaxEQLVariantLoss(5, tau=2.0)
+    for k, (logits, targets) in enumerate(_batches(n=6)):
+        if k:
+            log_i = torch.log(crit.stats.pos_grad.clamp(min=1e-4))
+            torch.testing.assert_close(crit.class_terms()["margin"], 2.0 * min(k / 4, 1) * log_i)
+        _step(crit, logits, targets)
+        _step(full, logits, targets)
+    assert crit.current_tau().item() == 2.0
+
+
+def test_evaluation_forwards_update_nothing():
+    crit = SoftmaxEQLVariantLoss(5, source="raw", decay=0.9).eval()
+    logits, targets = _batches(n=1)[0]
+    crit(logits, targets)
+    assert crit.stats.num_updates.item() == 0 and crit.avg_pos.abs().sum().item() == 0
+
+
+def test_registered_without_class_counts_and_checked_arguments():
+    assert "softmax_eql_x" in losses_for("cls") and "softmax_eql_x" in losses_for("seg")
+    assert loss_class("softmax_eql_x") is SoftmaxEQLVariantLoss
+    assert not SoftmaxEQLVariantLoss.traits.statistics  # needs no class prior
+    crit = build_loss("softmax_eql_x", 3, source="raw", decay=0.99)
+    assert crit.source == "raw" and crit.decay == 0.99
+    with pytest.raises(ValueError, match="source must be one of 'adjusted', 'raw'"):
+        SoftmaxEQLVariantLoss(3, source="logits")
+    with pytest.raises(ValueError, match="decay must be a number > 0 and <= 1"):
+        SoftmaxEQLVariantLoss(3, decay=0.0)
+
+
+def test_segmentation_logits_and_ignored_pixels():
+    crit = SoftmaxEQLVariantLoss(3, source="raw", ignore_index=255)
+    logits = torch.randn(2, 3, 4, 4)
+    targets = torch.randint(0, 3, (2, 4, 4))
+    targets[0, 0] = 255
+    _step(crit, logits, targets)
+    rows = logits.permute(0, 2, 3, 1).reshape(-1, 3)
+    flat = targets.reshape(-1)
+    keep = flat != 255
+    p = torch.softmax(rows[keep].double(), 1)
+    want = torch.zeros(3, dtype=torch.float64).index_add_(
+        0, flat[keep], 1 - p.gather(1, flat[keep][:, None])[:, 0]) / keep.sum()
+    torch.testing.assert_close(crit.stats.pos_grad, want)
