@@ -199,11 +199,16 @@ def _data(args) -> int:
     spec = {"n_max": args.n_max, "imbalance": args.imbalance, "val_per_class":
             args.val_per_class, "size": args.size, "seed": args.seed}
     if args.kind == "make-detection":
-        summary = canvas.make_detection(args.out, overwrite=args.overwrite,
-                                        check_groups=not args.allow_empty_groups, **spec)
+        make = canvas.make_detection
+        if getattr(args, "format", "lvis") == "yolo":
+            from .data.yolo import make_detection_yolo as make
+        summary = make(args.out, overwrite=args.overwrite,
+                       check_groups=not args.allow_empty_groups, **spec)
         print(f"wrote {summary['train_images']} training and {summary['val_images']} "
               f"validation images with {summary['num_classes']} classes to {args.out} "
               f"(LVIS groups by training images: {summary['groups']})")
+        if "data_yaml" in summary:
+            print(f"YOLO dataset: {summary['data_yaml']}")
     else:
         summary = canvas.make_segmentation(args.out, overwrite=args.overwrite, **spec)
         print(f"wrote {summary['train_images']} training and {summary['val_images']} "
@@ -333,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     data.add_argument("--allow-empty-groups", action="store_true",
                       help="detection: do not require every LVIS group to have classes")
+    data.add_argument("--format", choices=["lvis", "yolo"], default="lvis",
+                      help="make-detection: lvis (JSON + PNGs) or yolo (the same, plus an "
+                           "Ultralytics dataset in OUT/yolo: images, label files, data.yaml)")
     data.set_defaults(func=_data)
 
     train = sub.add_parser("train", help="train a model from a configuration",
