@@ -232,7 +232,8 @@ class SegmentationFolder(Dataset):
         reduce_zero_label: file value 0 is ignored and ``k`` becomes ``k - 1`` (ADE20K).
         ignore_index: the ignore label in the targets and in the files; outside ``[0, C)``.
         transforms: paired transform (see above), or None.
-        image_dir, ann_dir: sub-folder names under ``root``.
+        image_dir: sub-folder name of the images under ``root``.
+        ann_dir: sub-folder name of the annotations under ``root``.
         class_names: ``C`` names (default ``"0"``, ``"1"``, ...).
         seed: base seed of the per-item randomness.
 

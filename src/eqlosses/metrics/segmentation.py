@@ -121,7 +121,8 @@ class SegmentationMetrics(ConfusionMatrixState):
         Args:
             pixel_share: ``[C]`` training pixels per class, as counts or fractions (normalised
                 here to sum to 1), e.g. ``eqlosses.data.segmentation.pixel_counts(train)``.
-            head_above, tail_below: the group thresholds, fractions of the training pixels.
+            head_above: the head group's threshold, a fraction of the training pixels.
+            tail_below: the tail group's threshold, a fraction of the training pixels.
             groups: any other partition of the classes (instead of ``pixel_share``).
         """
         c = self.num_classes

@@ -77,17 +77,20 @@ def build_detector(arch: str, num_classes: int, loss: nn.Module, backbone: str =
             conventions. The loss becomes a submodule of the model.
         backbone: ``"tiny"``, ``"mobilenet_v3"``, ``"resnet18"`` or ``"resnet50"`` (module
             docstring), randomly initialised.
-        min_size, max_size: torchvision's resizing (shorter side ``min_size``, longer side at
-            most ``max_size``, default ``min_size * 1333 / 800``).
-        image_mean, image_std: input normalisation (ImageNet's by default).
+        min_size: torchvision's resizing: the shorter side becomes ``min_size``.
+        max_size: torchvision's resizing: the longer side is at most ``max_size`` (default
+            ``min_size * 1333 / 800``).
+        image_mean: input normalisation, the mean (ImageNet's by default).
+        image_std: input normalisation, the standard deviation (ImageNet's by default).
         pretrained: a local state-dict file for the whole detector, loaded last; entries of
             another shape are skipped with a warning listing them.
         pretrained_backbone: a local state-dict file for the backbone body (e.g. a
             classification checkpoint of the same torchvision network). Batch norm is then
             frozen (``FrozenBatchNorm2d``) and ``trainable_backbone_layers`` defaults to 3, as
             in torchvision; without it batch norm trains and every layer is trainable.
-        score_thresh, detections_per_img, nms_thresh: test protocol (LVIS: ``1e-4``, 300,
-            per-class NMS at 0.5).
+        score_thresh: test protocol, minimum score of a detection (LVIS: ``1e-4``).
+        detections_per_img: test protocol, detections kept per image (LVIS: 300).
+        nms_thresh: test protocol, IoU of the per-class NMS (0.5).
         trainable_backbone_layers: backbone stages left trainable, counted from the top.
         anchor_sizes: one size per pyramid level, replacing the default of the backbone.
         representation_size: width of the R-CNN box head's two FC layers (1024; 256 for
