@@ -29,6 +29,18 @@ def compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32)
 
 
+def adjusted_logits(logits: torch.Tensor, adjustment: Optional[torch.Tensor]) -> torch.Tensor:
+    """Detached ``logits`` in the compute dtype plus ``adjustment`` (a ``[C]`` vector, applied
+    along dim 1, or a tensor broadcastable to the logits); a new tensor when adjusted."""
+    z = logits.detach().to(compute_dtype(logits))
+    if adjustment is not None:
+        a = adjustment.to(z.dtype)
+        if a.dim() == 1:
+            a = a.view((1, z.shape[1]) + (1,) * (z.dim() - 2))
+        z = z + a
+    return z
+
+
 def check_tensor(value: object, name: str = "logits") -> None:
     """A ``TypeError`` naming ``name`` unless ``value`` is a tensor (before any attribute of
     it is read: a list would otherwise fail with an ``AttributeError`` on ``.device``)."""

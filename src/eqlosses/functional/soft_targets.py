@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from ._common import compute_dtype, needs_grad, reduce_loss, scale_of, sum_except_dim1
+from ._common import adjusted_logits, needs_grad, reduce_loss, scale_of, sum_except_dim1
 
 __all__ = ["is_probability_target", "is_float_target", "check_probability_targets"]
 
@@ -121,14 +121,8 @@ def _soft_adjusted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     ``softmax(z + a) - q`` and the mixture statistics; ``"mean"`` divides by the rows."""
     need_grad = needs_grad(logits)
     with torch.no_grad():
-        dtype = compute_dtype(logits)
-        z = logits.detach().to(dtype)
-        c = z.shape[1]
-        if adjustment is not None:
-            a = adjustment.to(dtype)
-            if a.dim() == 1:
-                a = a.view((1, c) + (1,) * (z.dim() - 2))
-            z = z + a
+        z = adjusted_logits(logits, adjustment)
+        dtype = z.dtype
         q = targets.detach().to(dtype)
         logp = torch.log_softmax(z, dim=1)
         del z

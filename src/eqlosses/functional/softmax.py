@@ -16,9 +16,10 @@ import torch
 from .sigmoid import _num_classes
 from .soft_targets import (_soft_adjusted_cross_entropy, check_probability_targets,
                            is_float_target)
-from ._common import (check_class_vector, check_logits, check_normalizer, check_reduction,
-                      check_targets, compute_dtype, gather_rows, needs_grad, per_class_sum, reduce_loss,
-                      scale_of, sum_except_dim1, weighted_sum_except_dim1)
+from ._common import (adjusted_logits, check_class_vector, check_logits, check_normalizer,
+                      check_reduction, check_targets, compute_dtype, gather_rows, needs_grad,
+                      per_class_sum, reduce_loss, scale_of, sum_except_dim1,
+                      weighted_sum_except_dim1)
 
 __all__ = ["softmax_eql_adjustment", "softmax_eql_loss", "balanced_softmax_adjustment",
            "balanced_softmax_loss", "eql_softmax_loss", "seesaw_loss"]
@@ -56,14 +57,8 @@ def _adjusted_cross_entropy(
     """
     need_grad = needs_grad(logits)
     with torch.no_grad():
-        dtype = compute_dtype(logits)
-        z = logits.detach().to(dtype)
-        c = z.shape[1]
-        if adjustment is not None:
-            a = adjustment.to(dtype)
-            if a.dim() == 1:
-                a = a.view((1, c) + (1,) * (z.dim() - 2))
-            z = z + a
+        z = adjusted_logits(logits, adjustment)
+        dtype, c = z.dtype, z.shape[1]
         # The op count matters as much as the passes over [N, C] here (each eager op costs a
         # few microseconds of dispatch): `valid` only when some row may be ignored, one
         # unsqueezed index for every gather and scatter, scalar scatters.
