@@ -26,6 +26,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _same_thread_count():
+    """Restore torch's thread count after each test: code run in-process (the examples set
+    two threads) must not change the float results of later tests, e.g. a resumed run that
+    must equal, bit for bit, one trained in a child process with one thread."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # The tests use small tensors, for which intra-op threads cost far more than they save
