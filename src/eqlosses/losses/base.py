@@ -162,7 +162,11 @@ class LongTailLoss(nn.Module):
         statistics (background columns dropped): one all-reduce, no host read unless
         ``validate`` (the "skipped update" warning)."""
         c = self.num_classes
-        self.stats.update(pos_inc[:c] * scale, neg_inc[:c] * scale, warn=self.validate)
+        self._update_stats(pos_inc[:c] * scale, neg_inc[:c] * scale)
+
+    def _update_stats(self, pos_inc: torch.Tensor, neg_inc: torch.Tensor) -> None:
+        """``stats.update``, warning about a skipped update only with validation on."""
+        self.stats.update(pos_inc, neg_inc, warn=self.validate)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # noqa: D401 - torch hook
@@ -202,7 +206,3 @@ class GradientDrivenLoss(LongTailLoss):
 
     def _check_state_device(self, logits: torch.Tensor) -> None:
         check_device(self.stats.pos_grad, logits, type(self).__name__)
-
-    def _update_stats(self, pos_inc: torch.Tensor, neg_inc: torch.Tensor) -> None:
-        """``stats.update``, warning about a skipped update only with validation on."""
-        self.stats.update(pos_inc, neg_inc, warn=self.validate)
