@@ -147,6 +147,60 @@ def test_classification_loss_balanced_softmax_needs_and_uses_counts():
     assert float(items["loss"]) == float(loss)
 
 
+# -- several processes: each rank normalises by its own batch, the statistics are summed -----
+
+def _yolo_term_rank(r, port, out_dir, world):
+    """A spawned rank: one YOLO training step per loss on this rank's half of the anchors,
+    normalised as YOLO does (``sum / max(sum t, 1)`` of the rank's own targets)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r,
+                            world_size=world)
+    try:
+        out = {}
+        for loss in DETECTION_LOSSES:
+            t, z = _rank_batch(r)
+            stats = GradientStatistics(C)
+            term = YOLOClassificationTerm(loss, C, stats)
+            (term(z, t) / yolo_targets(t)[2]).backward()
+            out[loss] = stats.state_dict()
+        torch.save(out, os.path.join(out_dir, f"rank{r}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_batch(r):
+    t, *_ = _targets(b=2, a=40, seed=10 + r)  # the ranks' batches differ
+    z = torch.randn(2, 40, C, generator=torch.Generator().manual_seed(20 + r))
+    return t, z.requires_grad_(True)
+
+
+@pytest.mark.slow
+def test_two_ranks_hold_the_sum_of_their_own_normalised_statistics(tmp_path):
+    from tests.dist_utils import free_port, spawn_and_wait
+
+    world = 2
+    spawn_and_wait(_yolo_term_rank, (free_port(), str(tmp_path), world), world, 90.0,
+                   "the two-rank YOLO term run")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for loss in DETECTION_LOSSES:
+        alone = []  # each rank's step in this process (no process group): its own increments
+        for r in range(world):
+            t, z = _rank_batch(r)
+            stats = GradientStatistics(C)
+            (YOLOClassificationTerm(loss, C, stats)(z, t) / yolo_targets(t)[2]).backward()
+            alone.append(stats)
+        for key in ("pos_grad", "neg_grad", "num_updates"):
+            assert torch.equal(ranks[0][loss][key], ranks[1][loss][key]), (loss, key)
+        assert int(ranks[0][loss]["num_updates"]) == 1  # one all-reduced update per step
+        for key in ("pos_grad", "neg_grad"):
+            summed = getattr(alone[0], key) + getattr(alone[1], key)
+            assert (summed > 0).any()
+            torch.testing.assert_close(ranks[0][loss][key], summed, rtol=1e-6, atol=1e-9,
+                                       msg=f"{loss} {key}")
+
+
 # -- with ultralytics ---------------------------------------------------------------------
 
 def _import_ultralytics():
@@ -342,3 +396,182 @@ def test_resume_restores_statistics_exactly(tmp_path):
     out = _run_offline(tmp_path, "stop")
     assert out["equal_live"] and out["equal_ema"] and out["updates"] > 0
     assert out["resumed_equal"]
+
+
+# -- classification trainer ------------------------------------------------------------------
+
+_CLS_SCRIPT = textwrap.dedent("""
+    import json, sys, pathlib
+    root, mode = pathlib.Path(sys.argv[1]), sys.argv[2]
+    from eqlosses.integrations.ultralytics import offline_environment
+    offline_environment(root / "cfg", runs_dir=root / "runs")
+    import numpy as np, torch
+    from PIL import Image
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    for split, counts in (("train", (12, 4, 2)), ("val", (2, 2, 2))):  # long-tailed train
+        for c, n in enumerate(counts):
+            d = root / "data" / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.full((16, 16, 3), 40 + 80 * c, np.uint8)
+                img += rng.integers(0, 30, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    from ultralytics import YOLO
+    import eqlosses.integrations.ultralytics as U
+    seen = {}
+
+    def on_save(trainer):  # the live statistics when last.pt is written
+        model = trainer.model
+        seen["counts"] = trainer.class_statistics.counts.tolist()
+        seen["criterion"] = type(model.criterion.loss).__name__
+        if hasattr(model, "eqlosses_stats"):
+            seen["live"] = {k: v.clone() for k, v in model.eqlosses_stats.state_dict().items()}
+            seen["ema"] = {k: v.clone() for k, v in
+                           trainer.ema.ema.eqlosses_stats.state_dict().items()}
+        if mode == "stop":
+            raise KeyboardInterrupt
+
+    trainer = U.classification_trainer("balanced_softmax") if mode == "balanced" else \\
+        U.EQLClassificationTrainer
+    model = YOLO("yolo11n-cls.yaml")
+    model.add_callback("on_model_save", on_save)
+    try:
+        model.train(data=str(root / "data"), trainer=trainer, epochs=2 if mode == "stop" else 1,
+                    imgsz=32, batch=6, workers=0, device="cpu", plots=False, val=False,
+                    amp=False, verbose=False, project=str(root / "runs"), name="r")
+    except KeyboardInterrupt:
+        pass
+    last = root / "runs" / "r" / "weights" / "last.pt"
+    ck = torch.load(last, weights_only=False)
+    saved = ck["ema"] or ck["model"]
+    out = {"counts": seen["counts"], "criterion": seen["criterion"],
+           "loss": saved.eqlosses_loss, "has_stats": hasattr(saved, "eqlosses_stats")}
+    if out["has_stats"]:
+        st = saved.eqlosses_stats.state_dict()
+        out.update(dtype=str(st["pos_grad"].dtype), updates=int(st["num_updates"]),
+                   pos=st["pos_grad"].tolist(),
+                   equal_live=all(torch.equal(v, seen["live"][k]) for k, v in st.items()),
+                   equal_ema=all(torch.equal(v, seen["ema"][k]) for k, v in st.items()))
+    if mode == "stop":
+        restored = {}
+
+        def after_resume(trainer):
+            restored.update({k: v.clone() for k, v in
+                             trainer.model.eqlosses_stats.state_dict().items()})
+
+        try:  # another loss cannot resume these statistics
+            YOLO(str(last)).train(resume=True, trainer=U.classification_trainer("ce"))
+            out["other_loss"] = "accepted"
+        except ValueError as err:
+            out["other_loss"] = str(err)
+        m2 = YOLO(str(last))
+        m2.add_callback("on_pretrain_routine_end", after_resume)
+        m2.train(resume=True, trainer=U.EQLClassificationTrainer)
+        out["resumed_equal"] = all(torch.equal(restored[k], v) for k, v in st.items())
+    (root / "out.json").write_text(json.dumps(out))
+""")
+
+
+def _run_cls_offline(tmp_path, mode):
+    _import_ultralytics()
+    script = tmp_path / "train_cls.py"
+    script.write_text(_CLS_SCRIPT)
+    env = dict(os.environ, HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
+    env.pop("YOLO_CONFIG_DIR", None)
+    cmd = [sys.executable, str(script), str(tmp_path), mode]
+    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"]).returncode == 0:
+        cmd = ["unshare", "-n"] + cmd  # no network at all
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import json
+
+    assert not (tmp_path / "home").exists()  # nothing written to the user's home
+    return json.loads((tmp_path / "out.json").read_text())
+
+
+@pytest.mark.slow
+def test_classification_trainer_softmax_eql_saves_and_resumes_statistics_offline(tmp_path):
+    out = _run_cls_offline(tmp_path, "stop")
+    assert out["criterion"] == "SoftmaxEQLLoss" and out["counts"] == [12, 4, 2]
+    assert out["loss"] == {"loss": "softmax_eql", "kwargs": {}}
+    assert out["dtype"] == "torch.float64" and out["updates"] == 3  # 18 images, batch 6
+    assert out["equal_live"] and out["equal_ema"]  # saved = live statistics, exactly
+    # 'pos' sums 1 - p_y over each class's images: the 12-image class gathers the most
+    assert out["pos"][0] > out["pos"][1] > out["pos"][2] > 0
+    assert "resume with the same loss" in out["other_loss"]
+    assert out["resumed_equal"]
+
+
+@pytest.mark.slow
+def test_classification_trainer_balanced_softmax_uses_the_training_counts(tmp_path):
+    out = _run_cls_offline(tmp_path, "balanced")
+    assert out["criterion"] == "BalancedSoftmaxLoss" and out["counts"] == [12, 4, 2]
+    assert out["loss"] == {"loss": "balanced_softmax", "kwargs": {}}
+    assert not out["has_stats"]  # balanced softmax keeps no statistics
+
+
+# -- YOLO's DDP launcher ---------------------------------------------------------------------
+
+_DDP_SCRIPT = textwrap.dedent("""
+    import json, os, pathlib, subprocess, sys
+    root = pathlib.Path(sys.argv[1])
+    from eqlosses.integrations.ultralytics import offline_environment
+    offline_environment(root / "cfg", runs_dir=root / "runs")
+    from PIL import Image
+    from ultralytics.utils.dist import generate_ddp_file
+    import eqlosses.integrations.ultralytics as U
+    from eqlosses.data.yolo import make_detection_yolo
+    s = make_detection_yolo(root / "data", n_max=4, imbalance=2, val_per_class=1,
+                            check_groups=False)
+    worker = (  # what a DDP worker does first: load the trainer class from the state file
+        "import sys, json; from ultralytics.utils.patches import torch_load; "
+        "c = torch_load(sys.argv[1], map_location='cpu')['trainer']; "
+        "print(json.dumps([c.__module__, c.__name__, c.eql_loss, dict(c.eql_loss_kwargs)]))")
+    out = []
+    for trainer in (U.EQLDetectionTrainer, U.detection_trainer("efl", scale_factor=4.0),
+                    U.classification_trainer("balanced_softmax")):
+        data = str(root / "data" / "yolo" / "data.yaml") if "Detection" in trainer.__name__ \\
+            else str(root / "cls")
+        model = "yolo11n.yaml"
+        if "Classification" in trainer.__name__:
+            model = "yolo11n-cls.yaml"
+            for split in ("train", "val"):
+                for c in range(2):
+                    (root / "cls" / split / f"c{c}").mkdir(parents=True, exist_ok=True)
+                    Image.new("RGB", (8, 8), (60 * c, 0, 0)).save(root / "cls" / split /
+                                                                  f"c{c}" / "0.png")
+        t = trainer(overrides={"data": data, "model": model, "device": "cpu",
+                               "project": str(root / "runs"), "name": "d", "plots": False})
+        state = pathlib.Path(generate_ddp_file(t)).with_suffix(".pt")
+        proc = subprocess.run([sys.executable, "-c", worker, str(state)], capture_output=True,
+                              text=True, env=os.environ)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    (root / "out.json").write_text(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_ddp_launcher_state_file_rebuilds_each_trainer_in_a_fresh_process(tmp_path):
+    """YOLO's DDP launcher pickles the trainer class (cloudpickle) into a file that each worker
+    loads; a fresh process must get the same class and loss arguments back (offline: the
+    launcher would try to install cloudpickle if it were missing)."""
+    _import_ultralytics()
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    env = dict(os.environ, HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
+    env.pop("YOLO_CONFIG_DIR", None)
+    cmd = [sys.executable, str(script), str(tmp_path)]
+    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"]).returncode == 0:
+        cmd = ["unshare", "-n"] + cmd
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import json
+
+    module = "eqlosses.integrations.ultralytics"
+    assert json.loads((tmp_path / "out.json").read_text()) == [
+        [module, "EQLDetectionTrainer", "eqfl", {}],
+        [module, "EQLDetectionTrainer_efl", "efl", {"scale_factor": 4.0}],
+        [module, "EQLClassificationTrainer_balanced_softmax", "balanced_softmax", {}],
+    ]

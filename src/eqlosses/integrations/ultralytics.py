@@ -453,6 +453,22 @@ def _class_statistics_from_labels(labels: Any, num_classes: int) -> Tuple[ClassS
     return ClassStatistics(images, total=len(labels)), instances
 
 
+def _record_loss_and_load(trainer: Any, model: nn.Module, weights: Any) -> nn.Module:
+    """Record the trainer's loss on ``model`` (``model.eqlosses_loss``), then load ``weights``
+    (after the statistics submodule exists, so that ``last.pt``'s statistics are restored).
+    Resuming a checkpoint trained with another loss or other arguments is refused: its
+    statistics would be read by a loss that did not write them."""
+    wanted = {"loss": trainer.eql_loss, "kwargs": dict(trainer.eql_loss_kwargs)}
+    setattr(model, LOSS_ATTR, wanted)
+    if weights:
+        recorded = getattr(weights, LOSS_ATTR, None)
+        if recorded is not None and recorded != wanted and trainer.resume:
+            raise ValueError(f"the checkpoint was trained with {recorded}, this trainer uses "
+                             f"{wanted}: resume with the same loss and arguments")
+        model.load(weights)
+    return model
+
+
 def _make_trainer_classes() -> Dict[str, type]:
     _ultralytics()
     from ultralytics.models.yolo.classify import ClassificationTrainer
@@ -485,15 +501,7 @@ def _make_trainer_classes() -> Dict[str, type]:
         def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True):
             model = super().get_model(cfg=cfg, weights=None, verbose=verbose)
             statistics_of(model)
-            setattr(model, LOSS_ATTR, {"loss": self.eql_loss, "kwargs": dict(self.eql_loss_kwargs)})
-            if weights:
-                recorded = getattr(weights, LOSS_ATTR, None)
-                wanted = getattr(model, LOSS_ATTR)
-                if recorded is not None and recorded != wanted and self.resume:
-                    raise ValueError(f"the checkpoint was trained with {recorded}, this "
-                                     f"trainer uses {wanted}: resume with the same loss")
-                model.load(weights)
-            return model
+            return _record_loss_and_load(self, model, weights)
 
         def _setup_train(self):
             with _no_amp_check():
@@ -547,10 +555,7 @@ def _make_trainer_classes() -> Dict[str, type]:
             model = super().get_model(cfg=cfg, weights=None, verbose=verbose)
             if self.eql_loss == "softmax_eql":
                 model.add_module(STATS_ATTR, GradientStatistics(int(self.data["nc"])))
-            setattr(model, LOSS_ATTR, {"loss": self.eql_loss, "kwargs": dict(self.eql_loss_kwargs)})
-            if weights:
-                model.load(weights)
-            return model
+            return _record_loss_and_load(self, model, weights)
 
         def _setup_train(self):
             with _no_amp_check():
