@@ -212,11 +212,14 @@ class YOLOClassificationTerm(nn.Module):
             self.stats = stats
         else:
             kwargs = dict(loss_kwargs)
-            if check_loss_args("dense", loss, kwargs).traits.gradient_statistics:  # type: ignore
+            traits = check_loss_args("dense", loss, kwargs).traits  # type: ignore[union-attr]
+            if traits.gradient_statistics:
                 kwargs["stats"] = stats
             kwargs.setdefault("validate", False)  # no host synchronisation per step
             self.loss = build_loss_for("dense", loss, num_classes, **kwargs)
             check_fits(self.loss, "dense", num_classes)
+            if not traits.gradient_statistics:  # focal: its closed-form tracking, into `stats`
+                self.loss.stats = stats
             self.stats = stats
 
     def extra_repr(self) -> str:
@@ -242,8 +245,6 @@ class YOLOClassificationTerm(nn.Module):
             else:  # hard labels: normalised by the sum of their targets, the positives
                 positives = (labels < c).sum().clamp(min=1).to(norm.dtype)
                 loss = self.loss(logits, labels, normalizer=positives)
-                if self.name == "focal":
-                    self._track_closed_form(logits, labels, positives)
         return loss * norm.to(loss.dtype)
 
     def _bce(self, logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor,
@@ -255,19 +256,6 @@ class YOLOClassificationTerm(nn.Module):
                 grad = (torch.sigmoid(logits.detach().float()) - targets.float()).abs() / norm
                 self._add(grad, labels)
         return loss
-
-    def _track_closed_form(self, logits: torch.Tensor, labels: torch.Tensor,
-                           norm: torch.Tensor) -> None:
-        """Statistics of the focal term (the focal loss keeps none itself): its gradient by
-        autograd on a detached copy, split by target."""
-        if not self._update:
-            return
-        with torch.enable_grad():
-            z = logits.detach().float().requires_grad_(True)
-            assert self.loss is not None
-            value = self.loss(z, labels, normalizer=norm)
-            (grad,) = torch.autograd.grad(value, z)
-        self._add(grad.abs(), labels)
 
     @torch.no_grad()
     def _add(self, grad_abs: torch.Tensor, labels: torch.Tensor) -> None:
