@@ -56,8 +56,8 @@ from tests import reference as ref  # noqa: E402
 
 #: the package's losses (a test below checks that the registry has no other built-in loss)
 NAMES = ["ce", "bce", "focal", "balanced_softmax", "softmax_eql", "sigmoid_eql", "efl", "eqfl",
-         "eql", "eql_softmax", "seesaw", "federated"]
-STATEFUL = ["softmax_eql", "sigmoid_eql", "efl", "eqfl", "seesaw"]
+         "eql", "eql_softmax", "seesaw", "federated", "softmax_eql_x"]
+STATEFUL = ["softmax_eql", "sigmoid_eql", "efl", "eqfl", "seesaw", "softmax_eql_x"]
 FLOATS = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 LOW = (torch.float16, torch.bfloat16)
 IGNORE_INDICES = [-100, 255, -1]
@@ -223,7 +223,7 @@ class Setup:
         crit._test_kwargs = kwargs  # what the functional twin is given
         with torch.no_grad():
             for key, value in self.state.items():
-                buf = crit.stats if key in ("pos_grad", "neg_grad") else crit
+                buf = crit.stats if key in ("pos_grad", "neg_grad", "num_updates") else crit
                 getattr(buf, key).copy_(torch.tensor(value, dtype=torch.float64))
         return crit.train(self.training)
 
@@ -273,6 +273,25 @@ def ratio_of(snap: Snapshot, init: float) -> torch.Tensor:
     return torch.where(seen, pos / (neg + 1e-10), torch.full_like(pos, init))
 
 
+def variant_margin_inputs(crit, snap):
+    """Softmax-EQL variant: the indicator and tau it applies at the state ``snap`` (from the
+    cumulative or the decaying sums; tau ramped by the updates so far)."""
+    if crit.decay < 1:
+        pos, neg = snap.buffers["avg_pos"], snap.buffers["avg_neg"]
+    else:
+        pos, neg = snap.stat("pos_grad"), snap.stat("neg_grad")
+    if crit.indicator == "pos":
+        ind = pos
+    elif crit.indicator == "neg":
+        ind = neg
+    else:
+        ind = torch.where(neg > 0, pos / neg.clamp(min=torch.finfo(neg.dtype).tiny), 0.0)
+    tau = crit.tau
+    if crit.tau_warmup:
+        tau = tau * min(1.0, int(snap.stat("num_updates")) / crit.tau_warmup)
+    return ind, tau
+
+
 def federated_mask(crit, snap, targets):
     if not (crit.training and torch.is_grad_enabled()):
         return torch.ones(crit.num_classes, dtype=torch.bool)
@@ -304,6 +323,9 @@ def functional_twin(crit, snap, logits, targets, quality=None, normalizer=None):
     if name == "softmax_eql":
         ind = snap.stat("pos_grad" if crit.indicator == "pos" else "neg_grad")
         return FN.softmax_eql_loss(logits, targets, ind, crit.tau, crit.eps, ii, red)
+    if name == "softmax_eql_x":  # the paper's functional loss at the variant's indicator, tau
+        ind, tau = variant_margin_inputs(crit, snap)
+        return FN.softmax_eql_loss(logits, targets, ind, tau, crit.eps, ii, red)
     if name == "sigmoid_eql":
         return FN.sigmoid_eql_loss(logits, targets, ratio_of(snap, crit.init_ratio), crit.gamma,
                                    crit.mu, crit.alpha, ii, red, crit.objectness)
@@ -459,6 +481,9 @@ def _reference_loss(crit, snap, z, t, quality=None, normalizer=None, bound=None)
     elif name == "softmax_eql":
         ind = snap.stat("pos_grad" if crit.indicator == "pos" else "neg_grad")
         out = ref.adjusted_ce(z, t, ref.softmax_eql_margin(ind, crit.tau, crit.eps), ii)
+    elif name == "softmax_eql_x":
+        ind, tau = variant_margin_inputs(crit, snap)
+        out = ref.adjusted_ce(z, t, ref.softmax_eql_margin(ind, tau, crit.eps), ii)
     elif name == "eql_softmax":
         tail = (crit.class_frequency < crit.lambda_).tolist()
         if bound != "lower":
@@ -496,6 +521,13 @@ def reference_increments(crit, snap, z, t, scalar):
         return ref.sigmoid_eql_stats(zr.detach()[valid], tr[valid],
                                      ratio_of(snap, crit.init_ratio), crit.gamma, crit.mu,
                                      crit.alpha)
+    if registry_name(crit) == "softmax_eql_x" and crit.source == "raw":
+        # the gradient of plain cross-entropy at the raw logits, with the loss's reduction
+        with _smooth_reference():
+            per_row = torch.as_tensor(ref.adjusted_ce(zr, tr, lambda i, j, y: 0.0,
+                                                      crit.ignore_index), dtype=torch.float64)
+        rows = max(int(valid.sum()), 1)
+        scalar = per_row if crit.reduction == "mean" else per_row * rows
     if scalar.requires_grad:
         (g,) = torch.autograd.grad(scalar, z)
     else:
@@ -560,6 +592,10 @@ def hparams(name: str, c: int, pick: Picker) -> Dict[str, Any]:
         return {"class_counts": pick.vec(counts, c), "tau": pick([1.0, 0.0, 2.0])}
     if name == "softmax_eql":
         return {"tau": pick([1.0, 0.0, 1.5]), "indicator": pick(["pos", "neg"])}
+    if name == "softmax_eql_x":
+        return {"tau": pick([1.0, 0.0, 1.5]), "indicator": pick(["pos", "neg", "ratio"]),
+                "source": pick(["adjusted", "raw"]), "decay": pick([1.0, 0.9]),
+                "tau_warmup": pick([0, 3])}
     if name == "sigmoid_eql":
         return {"alpha": pick([4.0, 0.0]), "mu": pick([0.8, 0.0])}
     if name == "efl":
@@ -592,6 +628,11 @@ def setups(draw, name: str, training=None):
     if traits(name).gradient_statistics:
         grads = [0.0, 1e-3, 0.2, 1.0, 4.0]
         state = {"pos_grad": pick.vec(grads, c), "neg_grad": pick.vec(grads, c)}
+        if name == "softmax_eql_x":
+            state["num_updates"] = float(pick.int(0, 5))
+            if kwargs["decay"] < 1:
+                state["avg_pos"] = pick.vec(grads, c)
+                state["avg_neg"] = pick.vec(grads, c)
     elif name == "seesaw":
         state = {"cum_samples": pick.vec([0.0, 1.0, 5.0, 50.0], c + 1)}
     if training is None:
@@ -894,6 +935,10 @@ def run_checked(setup: Setup, batch: Batch, finite_reference=True, twin=True):
                     dict(rtol=1e-3, atol=1e-5)
                 close(s.pos_grad - snap.stat("pos_grad"), pos, "positive increment", **tol)
                 close(s.neg_grad - snap.stat("neg_grad"), neg, "negative increment", **tol)
+                if name == "softmax_eql_x" and crit.decay < 1:  # S_t = decay S_{t-1} + inc_t
+                    for key, inc in (("avg_pos", pos), ("avg_neg", neg)):
+                        close(getattr(crit, key), crit.decay * snap.buffers[key] + inc,
+                              f"decaying sum {key}", **tol)
     if name == "seesaw":
         close(crit.cum_samples, seesaw_counts(crit, snap, t), "Seesaw's cum_samples",
               rtol=0, atol=0)
@@ -914,12 +959,7 @@ def run_checked(setup: Setup, batch: Batch, finite_reference=True, twin=True):
 # --------------------------------------------------------------------------------------------
 
 #: built-in losses outside the property tests, with where they are tested instead
-NOT_COVERED = {
-    # the experimental Softmax-EQL variants (issue 13): same kernel and input checks as
-    # softmax_eql, whose defaults it equals bit for bit (tests/losses/test_softmax_eql_variants.py);
-    # its non-default statistics have no loop reference here yet
-    "softmax_eql_x",
-}
+NOT_COVERED: set = set()
 
 
 def test_every_builtin_loss_is_covered():
