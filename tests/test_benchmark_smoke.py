@@ -20,8 +20,8 @@ def test_benchmark_quick_run(tmp_path):
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "x |" in line]
     assert len(rows) == 4
     for row in rows:
-        ratio = float(re.search(r"\| ([0-9.]+)x \|", row).group(1))
-        assert ratio > 0
+        ratios = [float(r) for r in re.findall(r"\| ([0-9.]+)x (?=\|)", row)]
+        assert len(ratios) == 2 and min(ratios) > 0  # median of pairs, best-of
 
 
 @pytest.mark.slow
