@@ -385,10 +385,12 @@ _TRAIN_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_offline(tmp_path, mode):
+def _run_offline(tmp_path, mode, script_text=None):
+    """Run a script (default: the detection training script) in a fresh process with the
+    network cut where ``unshare -n`` works and an empty HOME; return its ``out.json``."""
     _import_ultralytics()
-    script = tmp_path / "train.py"
-    script.write_text(_TRAIN_SCRIPT)
+    script = tmp_path / "script.py"
+    script.write_text(_TRAIN_SCRIPT if script_text is None else script_text)
     env = dict(os.environ, HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
     env.pop("YOLO_CONFIG_DIR", None)
     cmd = [sys.executable, str(script), str(tmp_path), mode]
@@ -493,26 +495,9 @@ _CLS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_cls_offline(tmp_path, mode):
-    _import_ultralytics()
-    script = tmp_path / "train_cls.py"
-    script.write_text(_CLS_SCRIPT)
-    env = dict(os.environ, HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
-    env.pop("YOLO_CONFIG_DIR", None)
-    cmd = [sys.executable, str(script), str(tmp_path), mode]
-    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"]).returncode == 0:
-        cmd = ["unshare", "-n"] + cmd  # no network at all
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    import json
-
-    assert not (tmp_path / "home").exists()  # nothing written to the user's home
-    return json.loads((tmp_path / "out.json").read_text())
-
-
 @pytest.mark.slow
 def test_classification_trainer_softmax_eql_saves_and_resumes_statistics_offline(tmp_path):
-    out = _run_cls_offline(tmp_path, "stop")
+    out = _run_offline(tmp_path, "stop", _CLS_SCRIPT)
     assert out["criterion"] == "SoftmaxEQLLoss" and out["counts"] == [12, 4, 2]
     assert out["loss"] == {"loss": "softmax_eql", "kwargs": {}}
     assert out["dtype"] == "torch.float64" and out["updates"] == 3  # 18 images, batch 6
@@ -525,7 +510,7 @@ def test_classification_trainer_softmax_eql_saves_and_resumes_statistics_offline
 
 @pytest.mark.slow
 def test_classification_trainer_balanced_softmax_uses_the_training_counts(tmp_path):
-    out = _run_cls_offline(tmp_path, "balanced")
+    out = _run_offline(tmp_path, "balanced", _CLS_SCRIPT)
     assert out["criterion"] == "BalancedSoftmaxLoss" and out["counts"] == [12, 4, 2]
     assert out["loss"] == {"loss": "balanced_softmax", "kwargs": {}}
     assert not out["has_stats"]  # balanced softmax keeps no statistics
@@ -577,20 +562,9 @@ def test_ddp_launcher_state_file_rebuilds_each_trainer_in_a_fresh_process(tmp_pa
     """YOLO's DDP launcher pickles the trainer class (cloudpickle) into a file that each worker
     loads; a fresh process must get the same class and loss arguments back (offline: the
     launcher would try to install cloudpickle if it were missing)."""
-    _import_ultralytics()
-    script = tmp_path / "ddp.py"
-    script.write_text(_DDP_SCRIPT)
-    env = dict(os.environ, HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
-    env.pop("YOLO_CONFIG_DIR", None)
-    cmd = [sys.executable, str(script), str(tmp_path)]
-    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"]).returncode == 0:
-        cmd = ["unshare", "-n"] + cmd
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    import json
-
+    out = _run_offline(tmp_path, "-", _DDP_SCRIPT)
     module = "eqlosses.integrations.ultralytics"
-    assert json.loads((tmp_path / "out.json").read_text()) == [
+    assert out == [
         [module, "EQLDetectionTrainer", "eqfl", {}],
         [module, "EQLDetectionTrainer_efl", "efl", {"scale_factor": 4.0}],
         [module, "EQLClassificationTrainer_balanced_softmax", "balanced_softmax", {}],
