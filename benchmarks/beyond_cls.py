@@ -11,8 +11,9 @@ the final settings (``FINAL``), once per run, from its checkpoint (``test_metric
 
     # train (resumable: finished runs are reused; run two in parallel with disjoint --tags)
     python benchmarks/beyond_cls.py train --imbalance 100 --seeds 0 --tags bs eql_t1
-    # tables and plots (evaluates the FINAL settings' checkpoints on the test set once)
-    python benchmarks/beyond_cls.py report
+    # tables and plots (evaluates the FINAL settings' checkpoints on the test set once);
+    # --docs also writes the tables into README.md and docs/beyond-the-paper.md
+    python benchmarks/beyond_cls.py report --docs
 
 Outputs in ``benchmarks/results/beyond_cls``: ``table.md`` (test, final settings),
 ``val_table.md`` (every screened setting), ``per_class.md``, ``indicator_*.png``.
@@ -168,9 +169,26 @@ def cmd_report(args) -> int:
     (OUT / "val_table.md").write_text("\n".join(val) + "\n")
     (OUT / "table.md").write_text("\n".join(test) + "\n")
     (OUT / "per_class.md").write_text("\n".join(lines) + "\n")
+    if args.docs:
+        blocks = {"val": val[2:], "test": test[2:], "perclass": lines[2:]}
+        for doc, tags in ((Path("README.md"), ["test"]),
+                          (Path("docs/beyond-the-paper.md"), ["val", "test", "perclass"])):
+            for tag in tags:
+                replace_block(doc, f"beyond:{tag}", blocks[tag])
     print("\n".join(val + [""] + test + [""] + lines))
     plot_indicators(args)
     return 0
+
+
+def replace_block(doc: Path, tag: str, lines: List[str]) -> None:
+    """Replace the lines between ``<!-- tag -->`` and ``<!-- /tag -->`` in ``doc``."""
+    text = doc.read_text()
+    start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
+    if text.count(start) != 1 or text.count(end) != 1:
+        raise SystemExit(f"{doc}: expected one {start} ... {end} block")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    doc.write_text(head + start + "\n\n" + "\n".join(lines) + "\n\n" + end + tail)
 
 
 def plot_indicators(args) -> None:
@@ -231,6 +249,8 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("report", help="tables and plots from the finished runs")
     p.add_argument("--imbalance", type=float, nargs="+", default=[100.0, 10.0])
+    p.add_argument("--docs", action="store_true",
+                   help="write the tables into README.md and docs/beyond-the-paper.md")
     p.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
     return args.func(args)
