@@ -74,6 +74,12 @@ def test_detection_and_segmentation_from_the_command_line(tmp_path, capsys):
     assert main(["data", "make-detection", "--out", str(det_root), *small,
                  "--allow-empty-groups"]) == 0
     assert (det_root / "annotations" / "lvis_v1_train.json").is_file()
+    assert not (det_root / "annotations" / "lvis_v1_dev.json").exists()
+    dev_root = tmp_path / "det-dev"
+    assert main(["data", "make-detection", "--out", str(dev_root), *small,
+                 "--allow-empty-groups", "--dev-per-class", "1"]) == 0
+    assert "development" in capsys.readouterr().out
+    assert (dev_root / "annotations" / "lvis_v1_dev.json").is_file()
     assert main(["data", "make-segmentation", "--out", str(seg_root), *small]) == 0
     assert main(["data", "make-segmentation", "--out", str(seg_root), *small]) == 2
     assert "not empty" in capsys.readouterr().err

@@ -197,14 +197,16 @@ def _data(args) -> int:
     from .data import canvas
 
     spec = {"n_max": args.n_max, "imbalance": args.imbalance, "val_per_class":
-            args.val_per_class, "size": args.size, "seed": args.seed}
+            args.val_per_class, "dev_per_class": args.dev_per_class, "size": args.size,
+            "seed": args.seed}
     if args.kind == "make-detection":
         make = canvas.make_detection
         if getattr(args, "format", "lvis") == "yolo":
             from .data.yolo import make_detection_yolo as make
         summary = make(args.out, overwrite=args.overwrite,
                        check_groups=not args.allow_empty_groups, **spec)
-        print(f"wrote {summary['train_images']} training and {summary['val_images']} "
+        dev = (f", {summary['dev_images']} development" if "dev_images" in summary else "")
+        print(f"wrote {summary['train_images']} training{dev} and {summary['val_images']} "
               f"validation images with {summary['num_classes']} classes to {args.out} "
               f"(LVIS groups by training images: {summary['groups']})")
         if "data_yaml" in summary:
@@ -332,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="n_max / instances of the rarest class (default 200)")
     data.add_argument("--val-per-class", type=int, default=6,
                       help="validation instances per class (default 6)")
+    data.add_argument("--dev-per-class", type=int, default=0,
+                      help="make-detection: development instances per class, carved from the "
+                           "training items (images/dev, lvis_v1_dev.json; choose settings "
+                           "there with --set data.eval_split=dev); default 0: none")
     data.add_argument("--size", type=int, default=128,
                       help="canvas side in pixels (default 128)")
     data.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")

@@ -168,6 +168,11 @@ class DetDataConfig:
     skip_empty: bool = False
     #: evaluate on the first N validation images only (quick checks); null = all
     max_val_images: Optional[int] = None
+    #: ``canvas`` only, the canvases evaluated: ``val`` (the held-out validation canvases:
+    #: the benchmark's test set) or ``dev`` (development canvases carved from the training
+    #: items, for choosing settings; generate with ``eqlosses data make-detection
+    #: --dev-per-class N``). For ``lvis`` / ``coco`` give a development JSON as ``val_ann``.
+    eval_split: str = "val"
 
 
 @dataclass

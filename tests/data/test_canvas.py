@@ -131,3 +131,62 @@ def test_bad_specifications_and_outputs_are_refused(tmp_path, small_det):
         make_detection(small_det, **SMALL)
     with pytest.raises(ValueError, match="split"):
         next(render_scenes(CanvasSpec(), "test"))
+
+
+# -- the development split ------------------------------------------------------------------
+
+def _item_keys(pools):
+    return [{item.tobytes() for item in pool} for pool in pools]
+
+
+def test_dev_pool_is_carved_from_the_training_items_and_disjoint_from_the_others():
+    from eqlosses.data.canvas import _item_pools
+    from eqlosses.data.embedded import load_embedded
+
+    plain, carved = _item_pools(dev=False), _item_pools(dev=True)
+    train_x, train_y = load_embedded("train")
+    test_x, test_y = load_embedded("test")
+    for t in range(10):  # without a dev split: the training items and the test items but the
+        # last 100 per type (independently rebuilt here), so the default benchmark is unchanged
+        expected = np.concatenate([train_x[train_y == t], test_x[test_y == t][:-100]])
+        assert np.array_equal(plain["train"][t], expected)
+        assert np.array_equal(plain["val"][t], carved["val"][t])
+        assert plain["dev"] == []
+    for t, (train, val, dev) in enumerate(zip(*(_item_keys(carved[s])
+                                                 for s in ("train", "val", "dev")))):
+        assert len(carved["dev"][t]) == 100
+        assert not (dev & train) and not (dev & val) and not (train & val)
+        assert dev | _item_keys([carved["train"][t]])[0] == _item_keys([plain["train"][t]])[0]
+
+
+def test_dev_canvases_hold_dev_per_class_of_every_class_and_leave_val_unchanged(tmp_path):
+    spec = CanvasSpec(n_max=6, imbalance=6, val_per_class=1, dev_per_class=2, size=64,
+                      max_scale=1.5)
+    counts = np.zeros(60, dtype=int)
+    for image, masks, classes in render_scenes(spec, "dev"):
+        assert image.shape == (64, 64, 3) and len(masks) == len(classes)
+        np.add.at(counts, classes, 1)
+    assert counts.max() <= 2 and counts.sum() >= 0.9 * 120  # a few occluded items dropped
+
+    def val_scenes(s):
+        return [(img.tobytes(), cls) for img, _, cls in render_scenes(s, "val")]
+
+    no_dev = CanvasSpec(n_max=6, imbalance=6, val_per_class=1, size=64, max_scale=1.5)
+    assert val_scenes(spec) == val_scenes(no_dev)  # the test canvases do not move
+    with pytest.raises(ValueError, match="dev_per_class > 0"):
+        next(render_scenes(no_dev, "dev"))
+    with pytest.raises(ValueError, match="dev_per_class must be >= 0"):
+        CanvasSpec(dev_per_class=-1).check()
+    with pytest.raises(ValueError, match="no development split"):
+        make_segmentation(tmp_path / "seg", dev_per_class=2)
+
+
+def test_make_detection_writes_the_dev_split_with_the_training_categories(tmp_path):
+    out = tmp_path / "det"
+    summary = make_detection(out, **{**SMALL, "dev_per_class": 1})
+    dev = _read(out / "annotations" / "lvis_v1_dev.json")
+    train = _read(out / "annotations" / "lvis_v1_train.json")
+    assert summary["dev_images"] == len(dev["images"]) > 0
+    assert dev["categories"] == train["categories"]  # frequencies from the training split
+    assert all((out / "images" / im["file_name"]).is_file() for im in dev["images"])
+    assert {im["file_name"].split("/")[0] for im in dev["images"]} == {"dev"}

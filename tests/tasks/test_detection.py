@@ -156,3 +156,31 @@ def test_two_processes_share_statistics_and_evaluate_every_image_once(tmp_path, 
     # EFL statistics: one all-reduce per step, identical on both ranks
     assert torch.equal(r0["pos_grad"], r1["pos_grad"]) and r0["pos_grad"].sum() > 0
     assert torch.equal(r0["neg_grad"], r1["neg_grad"])
+
+
+def test_eval_split_dev_evaluates_the_development_canvases(tmp_path, canvas):
+    import json as _json
+
+    root = tmp_path / "with-dev"
+    make_detection(root, n_max=8, imbalance=8, val_per_class=1, dev_per_class=1, size=64,
+                   max_scale=1.5, check_groups=False)
+    data = det.build_data(_cfg(tmp_path, root, "data.eval_split=dev",
+                               "data.max_val_images=null"))
+    dev = _json.loads((root / "annotations" / "lvis_v1_dev.json").read_text())
+    assert data.val_ann == root / "annotations" / "lvis_v1_dev.json"
+    assert len(data.val) == len(dev["images"])
+    plain = det.build_data(_cfg(tmp_path, root, "data.max_val_images=null"))
+    assert plain.val_ann.name == "lvis_v1_val.json"
+    assert len(plain.train) == len(data.train)  # the same training canvases either way
+    # choose on dev, then evaluate the checkpoint on the validation (test) canvases once
+    det.train(_cfg(tmp_path, root, "data.eval_split=dev", "loss.name=ce", *RCNN_SMALL,
+                   name="dev"))
+    _, cfg = det.evaluate_checkpoint(tmp_path / "dev" / "checkpoint.pt", device="cpu",
+                                     overrides=["data.eval_split=val"])
+    assert cfg.data.eval_split == "val"
+    with pytest.raises(ValueError, match="no development split.*--dev-per-class"):
+        det.build_data(_cfg(tmp_path, canvas, "data.eval_split=dev"))
+    with pytest.raises(ValueError, match="must be val or dev"):
+        det.build_data(_cfg(tmp_path, canvas, "data.eval_split=test"))
+    with pytest.raises(ValueError, match="development annotations as data.val_ann"):
+        det.build_data(_cfg(tmp_path, canvas, "data.name=lvis", "data.eval_split=dev"))

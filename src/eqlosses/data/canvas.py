@@ -18,7 +18,15 @@ frequent > 100 images. The validation canvases hold ``val_per_class`` instances 
 class (LVIS val covers every class too).
 
 Items for training and validation canvases never overlap: per type, the last 100 items of the
-embedded balanced test subset form the validation pool, all others the training pool. Later
+embedded balanced test subset form the validation pool, all others the training pool.
+
+A *development* split, for choosing settings without reading the validation canvases (which
+then serve as the test set), is carved from the training data when ``dev_per_class > 0``: per
+type, the 100 items before the validation pool's leave the training pool and form the dev
+pool, and ``dev_per_class`` instances of every class are dealt to dev canvases. Training, dev
+and validation items are disjoint. With ``dev_per_class=0`` (the default) the training pool,
+and so every training canvas, is what it always was; with a dev split the training canvases
+differ (their pool is smaller), which the specification written next to the data records. Later
 items occlude earlier ones; masks, boxes and areas are those of the *visible* pixels, and an
 item left with fewer than ``min_visible`` visible pixels is dropped before anything is
 written (the counts in the files are always the written truth).
@@ -70,6 +78,9 @@ TINTS: Dict[str, Tuple[float, float, float]] = {
 }
 
 _VAL_ITEMS_PER_TYPE = 100  # taken from the end of the balanced embedded test subset
+_DEV_ITEMS_PER_TYPE = 100  # the items before those, held out of training for a dev split
+#: the splits :func:`render_scenes` knows ("dev" only with ``dev_per_class > 0``)
+SPLITS = ("train", "val", "dev")
 _FORMAT = "eqlosses-canvas-1"
 
 
@@ -80,6 +91,7 @@ class CanvasSpec:
     n_max: int = 200
     imbalance: float = 200.0
     val_per_class: int = 6
+    dev_per_class: int = 0  # > 0: a development split carved from the training items
     size: int = 128
     min_objects: int = 2
     max_objects: int = 5
@@ -96,6 +108,8 @@ class CanvasSpec:
             problems.append(f"imbalance must be >= 1, got {self.imbalance}")
         if self.val_per_class < 0:
             problems.append(f"val_per_class must be >= 0, got {self.val_per_class}")
+        if self.dev_per_class < 0:
+            problems.append(f"dev_per_class must be >= 0, got {self.dev_per_class}")
         if not 1 <= self.min_objects <= self.max_objects:
             problems.append(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, "
                             f"{self.max_objects}")
@@ -120,17 +134,21 @@ def canvas_classes() -> List[str]:
     return [f"{t}|{tint}" for t in FASHION_MNIST_CLASSES for tint in TINTS]
 
 
-def _item_pools() -> Tuple[List[np.ndarray], List[np.ndarray]]:
-    """Per item type: (training pool, validation pool) of ``uint8 [n, 28, 28]`` items."""
+def _item_pools(dev: bool = False) -> Dict[str, List[np.ndarray]]:
+    """Per split, per item type: the pool of ``uint8 [n, 28, 28]`` items (``"dev"`` only when
+    ``dev``, which takes its items out of the training pool)."""
     train_x, train_y = load_embedded("train")
     test_x, test_y = load_embedded("test")
-    train_pools, val_pools = [], []
+    pools: Dict[str, List[np.ndarray]] = {"train": [], "val": [], "dev": []}
     for t in range(len(FASHION_MNIST_CLASSES)):
         test_items = test_x[test_y == t]
-        train_pools.append(np.concatenate([train_x[train_y == t],
-                                           test_items[:-_VAL_ITEMS_PER_TYPE]]))
-        val_pools.append(test_items[-_VAL_ITEMS_PER_TYPE:])
-    return train_pools, val_pools
+        rest, val = test_items[:-_VAL_ITEMS_PER_TYPE], test_items[-_VAL_ITEMS_PER_TYPE:]
+        if dev:
+            rest, held = rest[:-_DEV_ITEMS_PER_TYPE], rest[-_DEV_ITEMS_PER_TYPE:]
+            pools["dev"].append(held)
+        pools["train"].append(np.concatenate([train_x[train_y == t], rest]))
+        pools["val"].append(val)
+    return pools
 
 
 def _train_instances(spec: CanvasSpec, rng: np.random.Generator) -> np.ndarray:
@@ -186,21 +204,23 @@ def _render(labels: np.ndarray, pools: List[np.ndarray], spec: CanvasSpec,
 def render_scenes(spec: CanvasSpec, split: str) -> Iterator[Tuple[np.ndarray, List[np.ndarray],
                                                                  List[int]]]:
     """Yield ``(image uint8 [S,S,3], visible masks (bool [S,S] each), classes)`` per canvas
-    of ``split`` (``"train"`` or ``"val"``), deterministically from ``spec``. Items with fewer
-    than ``spec.min_visible`` visible pixels are left out of masks and classes."""
+    of ``split`` (``"train"``, ``"val"`` or, with ``spec.dev_per_class > 0``, ``"dev"``),
+    deterministically from ``spec``. Items with fewer than ``spec.min_visible`` visible pixels
+    are left out of masks and classes."""
     spec.check()
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    train_pools, val_pools = _item_pools()
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "dev" and not spec.dev_per_class:
+        raise ValueError("the dev split needs dev_per_class > 0 in the specification")
+    pools = _item_pools(dev=spec.dev_per_class > 0)[split]
     # Independent streams: the training scenes do not change with val_per_class and back.
-    seeds = np.random.SeedSequence(spec.seed).spawn(2)
-    rng = np.random.default_rng(seeds[0 if split == "train" else 1])
+    seeds = np.random.SeedSequence(spec.seed).spawn(3)
+    rng = np.random.default_rng(seeds[SPLITS.index(split)])
     if split == "train":
         labels = _train_instances(spec, rng)
-        pools = train_pools
     else:
-        labels = np.repeat(np.arange(len(canvas_classes())), spec.val_per_class)
-        pools = val_pools
+        per_class = spec.val_per_class if split == "val" else spec.dev_per_class
+        labels = np.repeat(np.arange(len(canvas_classes())), per_class)
     for scene in _deal(labels, spec, rng):
         image, instance_map, classes = _render(scene, pools, spec, rng)
         masks, kept = [], []
@@ -292,12 +312,14 @@ def make_detection(out_dir: Union[str, Path], overwrite: bool = False,
 
     Layout: ``images/{train,val}/NNNNNN.png``, ``annotations/lvis_v1_{train,val}.json``
     (``file_name`` relative to ``images/``), ``canvas.json`` (the specification and the
-    per-class training counts) and the Fashion-MNIST licence. ``spec_kwargs`` are the fields
-    of :class:`CanvasSpec`. Returns the summary written to ``canvas.json``.
+    per-class training counts) and the Fashion-MNIST licence; with ``dev_per_class > 0`` also
+    ``images/dev/`` and ``annotations/lvis_v1_dev.json``. ``spec_kwargs`` are the fields of
+    :class:`CanvasSpec`. Returns the summary written to ``canvas.json``.
     """
     spec = CanvasSpec(**spec_kwargs).check()
     names = canvas_classes()
-    splits = {split: list(render_scenes(spec, split)) for split in ("train", "val")}
+    splits = {split: list(render_scenes(spec, split))
+              for split in SPLITS if split != "dev" or spec.dev_per_class}
     # Frequencies come from the training split actually rendered.
     k = len(names)
     image_count = np.zeros(k, dtype=np.int64)
@@ -345,6 +367,7 @@ def make_detection(out_dir: Union[str, Path], overwrite: bool = False,
     summary = {"format": _FORMAT, "kind": "detection", "spec": asdict(spec),
                "num_classes": k, "train_images": len(splits["train"]),
                "val_images": len(splits["val"]),
+               **({"dev_images": len(splits["dev"])} if "dev" in splits else {}),
                "train_instances": int(instance_count.sum()),
                "groups": {g: frequency.count(g[0]) for g in ("rare", "common", "frequent")},
                "image_count": image_count.tolist()}
@@ -362,6 +385,9 @@ def make_segmentation(out_dir: Union[str, Path], overwrite: bool = False,
     plus the training pixel and image counts per class) and ``canvas.json``.
     """
     spec = CanvasSpec(**spec_kwargs).check()
+    if spec.dev_per_class:
+        raise ValueError("dev_per_class: the ADE20K layout has no development split; the "
+                         "segmentation writer takes dev_per_class=0")
     names = ["background"] + canvas_classes()
     out = _prepare(out_dir, overwrite)
     pixels = np.zeros(len(names), dtype=np.int64)

@@ -83,12 +83,21 @@ def build_data(cfg: DetectionConfig) -> DetectionData:
         if d.root is None:
             raise ValueError("data.name=canvas needs data.root (where the benchmark is, or "
                              "is generated)")
+        if d.eval_split not in ("val", "dev"):
+            raise ValueError(f"data.eval_split must be val or dev, got {d.eval_split!r}")
         root = Path(d.root)
         ensure_canvas(root, "detection")
         train_ann, val_ann = (root / "annotations" / f"lvis_v1_{s}.json" for s in ("train",
-                                                                                   "val"))
+                                                                                   d.eval_split))
+        if d.eval_split == "dev" and not val_ann.is_file():
+            raise ValueError(f"data.eval_split=dev: {root} has no development split ({val_ann} "
+                             f"is missing); generate the benchmark with one: eqlosses data "
+                             f"make-detection --out {root} --dev-per-class 6 --overwrite")
         train_images = val_images = root / "images"
     elif d.name in ("lvis", "coco"):
+        if d.eval_split != "val":
+            raise ValueError(f"data.eval_split is for the canvas benchmark; with data.name="
+                             f"{d.name} give your development annotations as data.val_ann")
         missing = [k for k in ("train_ann", "val_ann", "train_images", "val_images")
                    if getattr(d, k) is None]
         if missing:
