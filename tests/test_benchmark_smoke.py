@@ -49,3 +49,29 @@ def test_gpu_check_runs_its_code_paths_on_the_cpu(tmp_path):
     assert {"amp sigmoid_eql", "amp efl", "amp softmax_eql", "no-sync softmax_eql",
             "ddp classification (gloo)", "ddp detection (gloo)"} <= set(checks)
     assert set(checks.values()) == {"ok"}
+
+
+@pytest.mark.slow
+def test_beyond_det_chooses_on_dev_and_reads_the_test_canvases_for_final_settings_only(tmp_path):
+    """benchmarks/beyond_det.py on a tiny benchmark, 1 epoch: runs are evaluated on the
+    development canvases; `report` evaluates the FINAL settings' checkpoints on the
+    validation (test) canvases once and writes the three tables."""
+    script = SCRIPT.parent / "beyond_det.py"
+    small = ["--small", "--epochs", "1", "--set", "model.min_size=64", "--set",
+             "model.max_size=64", "--set", "data.batch_size=8"]
+    res = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "train",
+                          "--tags", "bce", "eqlv2_mu05", *small],
+                         capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "dev AP" in res.stdout
+    assert "eval_split: dev" in (tmp_path / "runs" / "bce-s0" / "config.yaml").read_text()
+    res = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "report"],
+                         capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    dev = (tmp_path / "dev_table.md").read_text()
+    assert "| bce: BCE | 0 |" in dev and "| eqlv2_mu05: Sigmoid-EQL, mu 0.5 | 0 |" in dev
+    test = (tmp_path / "table.md").read_text()
+    assert "| bce: BCE | 0 |" in test and "eqlv2_mu05" not in test  # not a FINAL setting
+    assert (tmp_path / "runs" / "bce-s0" / "test_metrics.json").is_file()
+    assert not (tmp_path / "runs" / "eqlv2_mu05-s0" / "test_metrics.json").exists()
+    assert "| eqlv2_mu05 | 0 |" in (tmp_path / "ratios.md").read_text()
