@@ -18,7 +18,10 @@ frequent > 100 images. The validation canvases hold ``val_per_class`` instances 
 class (LVIS val covers every class too).
 
 Items for training and validation canvases never overlap: per type, the last 100 items of the
-embedded balanced test subset form the validation pool, all others the training pool.
+embedded balanced test subset form the validation pool, all others the training pool. Later
+items occlude earlier ones; masks, boxes and areas are those of the *visible* pixels, and an
+item left with fewer than ``min_visible`` visible pixels is dropped before anything is
+written (the counts in the files are always the written truth).
 
 A *development* split, for choosing settings without reading the validation canvases (which
 then serve as the test set), is carved from the training data when ``dev_per_class > 0``: per
@@ -26,10 +29,7 @@ type, the 100 items before the validation pool's leave the training pool and for
 pool, and ``dev_per_class`` instances of every class are dealt to dev canvases. Training, dev
 and validation items are disjoint. With ``dev_per_class=0`` (the default) the training pool,
 and so every training canvas, is what it always was; with a dev split the training canvases
-differ (their pool is smaller), which the specification written next to the data records. Later
-items occlude earlier ones; masks, boxes and areas are those of the *visible* pixels, and an
-item left with fewer than ``min_visible`` visible pixels is dropped before anything is
-written (the counts in the files are always the written truth).
+differ (their pool is smaller), which the specification written next to the data records.
 
 Two writers share the same scenes (same seed -> the same canvases):
 
@@ -213,7 +213,8 @@ def render_scenes(spec: CanvasSpec, split: str) -> Iterator[Tuple[np.ndarray, Li
     if split == "dev" and not spec.dev_per_class:
         raise ValueError("the dev split needs dev_per_class > 0 in the specification")
     pools = _item_pools(dev=spec.dev_per_class > 0)[split]
-    # Independent streams: the training scenes do not change with val_per_class and back.
+    # Independent streams: the training scenes do not change with val_per_class or
+    # dev_per_class (but with a dev split, through the smaller pool), and back.
     seeds = np.random.SeedSequence(spec.seed).spawn(3)
     rng = np.random.default_rng(seeds[SPLITS.index(split)])
     if split == "train":
