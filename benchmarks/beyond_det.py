@@ -51,7 +51,7 @@ SETTINGS: Dict[str, tuple] = {
 }
 
 #: the settings evaluated on the test (validation) canvases; chosen on the dev table
-FINAL: List[str] = ["bce", "eqlv2"]
+FINAL: List[str] = ["bce", "eqlv2", "eqlv2_mu05"]
 
 COLUMNS = (("AP", "AP"), ("APr", "AP_r"), ("APc", "AP_c"), ("APf", "AP_f"))
 RCNN_OPTIONS = ["model.options.box_batch_size_per_image=128",
@@ -146,15 +146,18 @@ def group_ratios(run: Path, tag: str, frequency: List[str]) -> Dict[str, float]:
     h = read_stats(run, fields=["ratio"])
     if h.ratio is None:
         return {}
-    g = np.asarray(h.ratio[-1], dtype=float)
+    history = np.asarray(h.ratio, dtype=float)  # [T, C], the recorded snapshots
+    g = history[-1]
     kwargs = SETTINGS[tag][1]
     gamma, mu = float(kwargs.get("gamma", 12.0)), float(kwargs.get("mu", 0.8))
-    f = 1.0 / (1.0 + np.exp(-gamma * (g - mu)))
+    f_all = 1.0 / (1.0 + np.exp(-gamma * (history - mu)))
+    f, f_mean = f_all[-1], f_all.mean(axis=0)  # at the end, and averaged over training
     out = {}
     for group in "rcf":
         idx = [i for i, fr in enumerate(frequency) if fr == group]
         out[f"g_{group}"] = float(g[idx].mean()) if idx else math.nan
         out[f"f_{group}"] = float(f[idx].mean()) if idx else math.nan
+        out[f"fm_{group}"] = float(f_mean[idx].mean()) if idx else math.nan
     return out
 
 
@@ -171,7 +174,8 @@ def cmd_report(args) -> int:
                 f"{batch}); LVIS-style box AP (%), mean ± std over seeds.")
     dev_rows, test_rows, ratio_lines = [], [], [
         "| setting | seed | g rare | g common | g frequent | f(g) rare | f(g) common | "
-        "f(g) frequent |", "|---|---|---|---|---|---|---|---|"]
+        "f(g) frequent | f(g) over training: rare | common | frequent |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
     for tag in SETTINGS:
         runs = _runs(tag, out)
         if not runs:
@@ -184,13 +188,16 @@ def cmd_report(args) -> int:
             r = group_ratios(run, tag, frequency)
             if r:
                 ratio_lines.append(f"| {tag} | {seed} | " + " | ".join(
-                    f"{r[k]:.2f}" for k in ("g_r", "g_c", "g_f", "f_r", "f_c", "f_f")) + " |")
+                    f"{r[k]:.2f}" for k in ("g_r", "g_c", "g_f", "f_r", "f_c", "f_f", "fm_r",
+                                            "fm_c", "fm_f")) + " |")
     dev = [f"Development canvases (settings chosen here). {protocol}", ""] + _table(dev_rows)
     test = [f"Validation canvases (the test set), final settings only, each run evaluated "
             f"once. {protocol}", ""] + _table(test_rows)
-    ratios = ["Final gradient ratio g = P / N and Sigmoid-EQL's negative weight f(g), mean "
-              "over the classes of each LVIS group (f is reported for every loss as the weight "
-              "the paper's mapping would give; only Sigmoid-EQL applies it).", ""] + ratio_lines
+    ratios = ["Gradient ratio g = P / N at the end of training and Sigmoid-EQL's negative "
+              "weight f(g) = 1 / (1 + exp(-gamma (g - mu))) with the setting's gamma and mu, "
+              "at the end and averaged over the recorded snapshots of training; means over the "
+              "classes of each LVIS group (for BCE, f is the weight the paper's mapping would "
+              "give; BCE does not apply it).", ""] + ratio_lines
     for name, lines in (("dev_table.md", dev), ("table.md", test), ("ratios.md", ratios)):
         (out / name).write_text("\n".join(lines) + "\n")
     print("\n".join(dev + [""] + test + [""] + ratios))
