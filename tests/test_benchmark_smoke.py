@@ -60,7 +60,7 @@ def test_beyond_det_chooses_on_dev_and_reads_the_test_canvases_for_final_setting
     small = ["--small", "--epochs", "1", "--set", "model.min_size=64", "--set",
              "model.max_size=64", "--set", "data.batch_size=8"]
     res = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "train",
-                          "--tags", "bce", "eqlv2_mu05", *small],
+                          "--tags", "bce", "eqlv2_a0", *small],
                          capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "dev AP" in res.stdout
@@ -69,9 +69,9 @@ def test_beyond_det_chooses_on_dev_and_reads_the_test_canvases_for_final_setting
                          capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     dev = (tmp_path / "dev_table.md").read_text()
-    assert "| bce: BCE | 0 |" in dev and "| eqlv2_mu05: Sigmoid-EQL, mu 0.5 | 0 |" in dev
+    assert "| bce: BCE | 0 |" in dev and "| eqlv2_a0: Sigmoid-EQL, alpha 0" in dev
     test = (tmp_path / "table.md").read_text()
-    assert "| bce: BCE | 0 |" in test and "eqlv2_mu05" not in test  # not a FINAL setting
+    assert "| bce: BCE | 0 |" in test and "eqlv2_a0" not in test  # not a FINAL setting
     assert (tmp_path / "runs" / "bce-s0" / "test_metrics.json").is_file()
-    assert not (tmp_path / "runs" / "eqlv2_mu05-s0" / "test_metrics.json").exists()
-    assert "| eqlv2_mu05 | 0 |" in (tmp_path / "ratios.md").read_text()
+    assert not (tmp_path / "runs" / "eqlv2_a0-s0" / "test_metrics.json").exists()
+    assert "| eqlv2_a0 | 0 |" in (tmp_path / "ratios.md").read_text()
