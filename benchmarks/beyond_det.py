@@ -13,7 +13,7 @@ say about AP_f.
 
     # train (resumable: finished runs are reused; run two in parallel with disjoint --tags)
     python benchmarks/beyond_det.py train --seeds 0 --tags bce eqlv2 eqlv2_mu05
-    python benchmarks/beyond_det.py report
+    python benchmarks/beyond_det.py report --docs   # --docs: the tables into the docs page
 
 A run takes 6-20 minutes on one CPU core.
 """
@@ -200,6 +200,12 @@ def cmd_report(args) -> int:
               "give; BCE does not apply it).", ""] + ratio_lines
     for name, lines in (("dev_table.md", dev), ("table.md", test), ("ratios.md", ratios)):
         (out / name).write_text("\n".join(lines) + "\n")
+    if args.docs:
+        from beyond_cls import replace_block
+
+        doc = Path("docs/beyond-the-paper.md")
+        for tag, lines in (("dev", dev), ("test", test), ("ratios", ratios)):
+            replace_block(doc, f"beyond-det:{tag}", lines[2:])
     print("\n".join(dev + [""] + test + [""] + ratios))
     return 0
 
@@ -218,6 +224,8 @@ def main(argv=None) -> int:
                    help="override applied to every run (smoke tests)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("report", help="tables from the finished runs")
+    p.add_argument("--docs", action="store_true",
+                   help="write the tables into docs/beyond-the-paper.md")
     p.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
     return args.func(args)
