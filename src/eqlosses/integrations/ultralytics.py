@@ -457,13 +457,35 @@ def _record_loss_and_load(trainer: Any, model: nn.Module, weights: Any) -> nn.Mo
     return model
 
 
+class _EMAStatistics:
+    """Mixed into the trainers: after every optimizer step and before every save, the EMA
+    model's statistics are set equal to the live model's (YOLO's EMA would otherwise average
+    them)."""
+
+    def _sync_ema_statistics(self) -> None:
+        if self.ema is None:  # type: ignore[attr-defined]
+            return
+        live = statistics_of(self.model, create=False)  # type: ignore[attr-defined]
+        ema = statistics_of(self.ema.ema, create=False)  # type: ignore[attr-defined]
+        if live is not None and ema is not None:
+            ema.load_state_dict(live.state_dict())
+
+    def optimizer_step(self):
+        super().optimizer_step()  # type: ignore[misc]
+        self._sync_ema_statistics()
+
+    def save_model(self):
+        self._sync_ema_statistics()
+        return super().save_model()  # type: ignore[misc]
+
+
 def _make_trainer_classes() -> Dict[str, type]:
     _ultralytics()
     from ultralytics.models.yolo.classify import ClassificationTrainer
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.utils import LOGGER, RANK
 
-    class EQLDetectionTrainer(DetectionTrainer):
+    class EQLDetectionTrainer(_EMAStatistics, DetectionTrainer):
         """YOLO's detection trainer with an eqlosses classification term.
 
         Use ``YOLO("yolo11n.yaml").train(data=..., trainer=EQLDetectionTrainer)`` (EQFL with
@@ -512,23 +534,7 @@ def _make_trainer_classes() -> Dict[str, type]:
                 LOGGER.info(f"eqlosses: classification term {self.eql_loss} "
                             f"{dict(self.eql_loss_kwargs) or ''}".rstrip())
 
-        def _sync_ema_statistics(self) -> None:
-            if self.ema is None:
-                return
-            live = statistics_of(self.model, create=False)
-            ema = statistics_of(self.ema.ema, create=False)
-            if live is not None and ema is not None:
-                ema.load_state_dict(live.state_dict())
-
-        def optimizer_step(self):
-            super().optimizer_step()
-            self._sync_ema_statistics()
-
-        def save_model(self):
-            self._sync_ema_statistics()
-            return super().save_model()
-
-    class EQLClassificationTrainer(ClassificationTrainer):
+    class EQLClassificationTrainer(_EMAStatistics, ClassificationTrainer):
         """YOLO's classification trainer with Softmax-EQL (default), balanced softmax or
         cross-entropy: ``YOLO("yolo11n-cls.yaml").train(data=...,
         trainer=EQLClassificationTrainer)``, or ``classification_trainer("balanced_softmax",
@@ -561,16 +567,6 @@ def _make_trainer_classes() -> Dict[str, type]:
             model.criterion = EQLClassificationLoss(self.eql_loss, nc, self.class_statistics,
                                                     **kwargs).to(self.device)
             self._sync_ema_statistics()
-
-        _sync_ema_statistics = EQLDetectionTrainer._sync_ema_statistics
-
-        def optimizer_step(self):
-            super().optimizer_step()
-            self._sync_ema_statistics()
-
-        def save_model(self):
-            self._sync_ema_statistics()
-            return super().save_model()
 
     for cls in (EQLDetectionTrainer, EQLClassificationTrainer):
         cls.__module__ = __name__
