@@ -423,3 +423,24 @@ def test_backward_through_a_kept_graph_gives_the_same_gradient_each_time(name):
         loss.backward(retain_graph=k < 3)
         torch.testing.assert_close(z.grad, k * once)
     assert bool(once.abs().sum() > 0)
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels reuse their own buffers, never the caller's logits
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_training_step_leaves_the_logits_as_they_were(name):
+    """The softmax kernels write their softmax into the adjusted logits' buffer when it is
+    theirs; a view of the caller's logits (no adjustment, same dtype) must stay untouched, for
+    every dtype, with and without ignored rows and validation."""
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for validate in (True, False):
+            for ignored in (True, False):
+                z, t, kwargs = _batch(name, ignored=ignored)
+                z = z.detach().to(dtype).requires_grad_()
+                before = z.detach().clone()
+                crit = CASES[name][0](validate=validate).train()
+                _step(crit, z, t, kwargs)
+                crit.eval()(z, t, **kwargs)
+                assert torch.equal(z.detach(), before), (name, dtype, validate, ignored)

@@ -56,34 +56,50 @@ def _adjusted_cross_entropy(
     the exact fallback). None: rows are masked and nothing is read on the host.
     """
     need_grad = needs_grad(logits)
-    with torch.no_grad():
+    # The op count matters as much as the passes over [N, C] here (each eager op costs a few
+    # microseconds of dispatch): `valid` only when some row may be ignored, one unsqueezed
+    # index for every gather and scatter, scalar scatters.
+    valid = None if all_valid else targets != ignore_index
+    col = targets if all_valid else targets.masked_fill(~valid, 0)
+    index = col.unsqueeze(1)
+
+    def prepared():
+        """The adjusted logits, ignored rows zeroed (they count nowhere, even non-finite
+        ones), and whether the buffer is this call's own."""
         z = adjusted_logits(logits, adjustment)
-        dtype, c = z.dtype, z.shape[1]
-        # The op count matters as much as the passes over [N, C] here (each eager op costs a
-        # few microseconds of dispatch): `valid` only when some row may be ignored, one
-        # unsqueezed index for every gather and scatter, scalar scatters.
-        valid = None if all_valid else targets != ignore_index
-        col = targets if all_valid else targets.masked_fill(~valid, 0)
-        if valid is not None:  # ignored rows count nowhere, even non-finite ones
+        owned = adjustment is not None or z.dtype != logits.dtype  # else a view of logits
+        if valid is not None:
             invalid = ~valid.unsqueeze(1)
-            z = z.masked_fill_(invalid, 0.0) if adjustment is not None else z.masked_fill(
-                invalid, 0.0)
-        index = col.unsqueeze(1)
-        if z.dim() == 2:  # softmax is fastest on rows; the loss from p_t unless it underflows
-            prob = torch.softmax(z, dim=1)
+            z, owned = z.masked_fill_(invalid, 0.0) if owned else z.masked_fill(invalid, 0.0), True
+        return z, owned
+
+    with torch.no_grad():
+        z, owned = prepared()
+        dtype, c = z.dtype, z.shape[1]
+        if z.dim() == 2:
+            # Softmax is fastest on rows. It writes into this call's own buffer (the adjusted
+            # logits) when there is one: one logits-sized buffer per step, not two, which also
+            # spares the page faults of a freed pair the allocator hands back to the system.
+            # The loss is -log p_t, except where p_t underflows (a margin of ~70 nats): there
+            # it is logsumexp(z) - z_t, with logsumexp(z) = max z - log max p (both maxima are
+            # at the same column, softmax being monotonic; max p >= 1/C), exact to rounding.
+            # Without validation, max z and z_t are read before the softmax overwrites z; with
+            # it, the host sees whether some p_t underflows and only then z is recomputed.
+            sync_free = all_valid is None
+            if sync_free:
+                z_max, z_t = z.amax(dim=1), z.gather(1, index).squeeze(1)
+            prob = torch.softmax(z, dim=1, out=z) if owned else torch.softmax(z, dim=1)
             p_t = prob.gather(1, index).squeeze(1)
             elem = -torch.log(p_t)
             tiny = _TINY[dtype]
-            # -log p_t loses precision (or is inf) where p_t underflows. There, use
-            # logsumexp(z) - z_t, with logsumexp(z) = max z - log max p (both maxima are at the
-            # same column, as softmax is monotonic; max p >= 1/C): exact to rounding, two fast
-            # reductions instead of a second pass of exp. With validation on, only when the
-            # host sees that some p_t underflows.
-            if all_valid is None or bool((p_t < tiny).any()):
-                lse = z.amax(dim=1) - torch.log(prob.amax(dim=1))
-                elem = torch.where(p_t < tiny, lse - z.gather(1, index).squeeze(1), elem)
+            if sync_free or bool((p_t < tiny).any()):
+                if not sync_free:
+                    z = prepared()[0]
+                    z_max, z_t = z.amax(dim=1), z.gather(1, index).squeeze(1)
+                lse = z_max - torch.log(prob.amax(dim=1))
+                elem = torch.where(p_t < tiny, lse - z_t, elem)
         else:  # [N, C, *]: log_softmax over dim 1 is much faster than softmax there
-            prob = torch.log_softmax(z, dim=1)
+            prob = torch.log_softmax(z, dim=1, out=z) if owned else torch.log_softmax(z, dim=1)
             elem = -prob.gather(1, index).squeeze(1)
             prob = prob.exp_()
             p_t = torch.exp(-elem)  # cheaper than a second strided gather
