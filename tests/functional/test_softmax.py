@@ -96,12 +96,18 @@ def test_gradcheck():
                                     (zs,))
 
 
-def test_extreme_logits_underflow_is_handled():
-    z = torch.tensor([[-1000.0, 0.0, 0.0], [0.0, 0.0, 0.0]], requires_grad=True)
-    t = torch.tensor([0, 1])
-    loss = softmax_eql_loss(z, t, torch.zeros(3), reduction="none")
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("ignored", [False, True])
+def test_extreme_logits_underflow_is_handled(validate, ignored):
+    """p_t underflows in row 0: the loss there comes from logsumexp, exactly (with validation
+    the kernel recomputes the logits its softmax overwrote; without, it read them before)."""
+    z = torch.tensor([[-1000.0, 0.0, 0.0], [0.0, 0.0, 0.0], [5.0, -1e4, 1.0]],
+                     requires_grad=True)
+    t = torch.tensor([0, 1, -100 if ignored else 1])
+    loss = softmax_eql_loss(z, t, torch.zeros(3), reduction="none", validate=validate)
     expected = F.cross_entropy(z.detach(), t, reduction="none")
     torch.testing.assert_close(loss, expected)
+    assert loss[0] > 999
     loss.sum().backward()
     assert torch.isfinite(z.grad).all()
 
