@@ -56,6 +56,8 @@ SETTINGS: Dict[str, tuple] = {
                 "paper 'pos', decaying average (0.99/step)"),
     "raw_pos_warm": ("softmax_eql_x", {"source": "raw", "tau_warmup": 400},
                      "'pos' of the unadjusted logits, tau ramped 0 -> 1 over 400 steps"),
+    "mass": ("softmax_eql_x", {"indicator": "mass"},
+             "predicted class mass sum_n softmax(z~)_nj (no labels), tau 1"),
 }
 
 #: the settings evaluated on the test set (chosen on the validation table; see the docs page)

@@ -280,7 +280,9 @@ def variant_margin_inputs(crit, snap):
         pos, neg = snap.buffers["avg_pos"], snap.buffers["avg_neg"]
     else:
         pos, neg = snap.stat("pos_grad"), snap.stat("neg_grad")
-    if crit.indicator == "pos":
+    if crit.indicator == "mass":
+        ind = snap.buffers["mass"]
+    elif crit.indicator == "pos":
         ind = pos
     elif crit.indicator == "neg":
         ind = neg
@@ -290,6 +292,19 @@ def variant_margin_inputs(crit, snap):
     if crit.tau_warmup:
         tau = tau * min(1.0, int(snap.stat("num_updates")) / crit.tau_warmup)
     return ind, tau
+
+
+def reference_mass(crit, snap, z, t):
+    """Softmax-EQL variant, indicator "mass": ``sum_n softmax(.)_nj`` over the non-ignored
+    rows (divided by their number for a mean), of the logits its statistics are taken from
+    (the adjusted ones at the state ``snap``, or the raw ones), summed directly."""
+    zr, tr = _rows(z.detach().double(), t.long())
+    valid = tr != crit.ignore_index
+    if crit.source == "adjusted":
+        ind, tau = variant_margin_inputs(crit, snap)
+        zr = zr + tau * torch.log(ind.double().clamp(min=crit.eps))
+    mass = torch.softmax(zr[valid], dim=1).sum(0)
+    return mass / max(int(valid.sum()), 1) if crit.reduction == "mean" else mass
 
 
 def federated_mask(crit, snap, targets):
@@ -593,7 +608,7 @@ def hparams(name: str, c: int, pick: Picker) -> Dict[str, Any]:
     if name == "softmax_eql":
         return {"tau": pick([1.0, 0.0, 1.5]), "indicator": pick(["pos", "neg"])}
     if name == "softmax_eql_x":
-        return {"tau": pick([1.0, 0.0, 1.5]), "indicator": pick(["pos", "neg", "ratio"]),
+        return {"tau": pick([1.0, 0.0, 1.5]), "indicator": pick(["pos", "neg", "ratio", "mass"]),
                 "source": pick(["adjusted", "raw"]), "decay": pick([1.0, 0.9]),
                 "tau_warmup": pick([0, 3])}
     if name == "sigmoid_eql":
@@ -633,6 +648,8 @@ def setups(draw, name: str, training=None):
             if kwargs["decay"] < 1:
                 state["avg_pos"] = pick.vec(grads, c)
                 state["avg_neg"] = pick.vec(grads, c)
+            if kwargs["indicator"] == "mass":
+                state["mass"] = pick.vec(grads, c)
     elif name == "seesaw":
         state = {"cum_samples": pick.vec([0.0, 1.0, 5.0, 50.0], c + 1)}
     if training is None:
@@ -939,6 +956,9 @@ def run_checked(setup: Setup, batch: Batch, finite_reference=True, twin=True):
                     for key, inc in (("avg_pos", pos), ("avg_neg", neg)):
                         close(getattr(crit, key), crit.decay * snap.buffers[key] + inc,
                               f"decaying sum {key}", **tol)
+                if name == "softmax_eql_x" and crit.indicator == "mass":
+                    close(crit.mass, crit.decay * snap.buffers["mass"]
+                          + reference_mass(crit, snap, z, t), "predicted class mass", **tol)
     if name == "seesaw":
         close(crit.cum_samples, seesaw_counts(crit, snap, t), "Seesaw's cum_samples",
               rtol=0, atol=0)

@@ -86,3 +86,27 @@ def test_update_without_warning_reads_nothing_on_the_host(monkeypatch):
     stats.update(torch.ones(2), torch.ones(2), warn=False)
     monkeypatch.undo()
     assert int(stats.num_updates) == 1 and int(stats.num_skipped) == 1
+
+
+def test_extra_increments_travel_in_the_same_all_reduce_under_the_same_decision(monkeypatch):
+    """A loss's own per-class sums ride along: one collective for all rows, summed over the
+    processes (here a fake sum that doubles), and zeroed when the update is skipped."""
+    import eqlosses.stats as stats_module
+
+    calls = []
+
+    def fake_all_reduce(t):
+        calls.append(tuple(t.shape))
+        return t.mul_(2)  # as if a second process held the same increments
+
+    monkeypatch.setattr(stats_module, "all_reduce_sum_", fake_all_reduce)
+    stats = GradientStatistics(2)
+    extra = torch.tensor([[0.25, 0.5]])
+    assert bool(stats.update(torch.ones(2), torch.ones(2), extra=extra))
+    assert calls == [(3, 2)]
+    assert extra.tolist() == [[0.5, 1.0]] and stats.pos_grad.tolist() == [2.0, 2.0]
+    extra = torch.tensor([[float("nan"), 1.0]])
+    assert not bool(stats.update(torch.ones(2), torch.ones(2), extra=extra, warn=False))
+    assert extra.tolist() == [[0.0, 0.0]] and stats.pos_grad.tolist() == [2.0, 2.0]
+    with pytest.raises(ValueError, match=r"\[K, 2\]"):
+        stats.update(torch.ones(2), torch.ones(2), extra=torch.ones(3))

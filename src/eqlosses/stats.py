@@ -15,7 +15,7 @@ synchronise with the host (unless asked to warn) and compiles with ``torch.compi
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -98,7 +98,7 @@ class GradientStatistics(nn.Module):
 
     @torch.no_grad()
     def update(self, pos_inc: torch.Tensor, neg_inc: torch.Tensor,
-               warn: bool = True) -> torch.Tensor:
+               warn: bool = True, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Add one step's increments (summed over all processes first); return whether applied.
 
         Call this on every rank at every training step, also with zero increments for an empty
@@ -115,6 +115,10 @@ class GradientStatistics(nn.Module):
                 the decision on the host (one synchronisation per call until the warning has
                 been shown); the losses pass their ``validate`` switch. With ``warn=False``
                 nothing is read: watch ``num_skipped`` instead.
+            extra: optional ``[K, C]`` increments of a loss's own per-class sums, carried in
+                the same all-reduce (still one collective) and under the same decision: on
+                return they hold their sums over the processes, zeroed if the update was
+                skipped, for the caller to add to its own buffers.
 
         Returns:
             A 0-d bool tensor on the accumulators' device: True if the update was applied.
@@ -125,10 +129,18 @@ class GradientStatistics(nn.Module):
                 f"increments must have shape {expected}, got {tuple(pos_inc.shape)} and "
                 f"{tuple(neg_inc.shape)}"
             )
-        inc = torch.stack([pos_inc, neg_inc]).to(device=self.pos_grad.device, dtype=self._dtype)
+        rows = [pos_inc, neg_inc]
+        if extra is not None:
+            if extra.dim() != 2 or extra.shape[1] != self.num_classes:
+                raise ValueError(f"extra increments must have shape [K, {self.num_classes}], "
+                                 f"got {tuple(extra.shape)}")
+            rows += list(extra.unbind())
+        inc = torch.stack(rows).to(device=self.pos_grad.device, dtype=self._dtype)
         all_reduce_sum_(inc)
         finite = torch.isfinite(inc).all()
         inc = torch.where(finite, inc, 0.0)
+        if extra is not None:
+            extra.copy_(inc[2:])
         # in-place methods: `self.buf += x` would also go through nn.Module.__setattr__
         self.pos_grad.add_(inc[0])
         self.neg_grad.add_(inc[1])

@@ -118,3 +118,44 @@ def test_segmentation_logits_and_ignored_pixels():
     want = torch.zeros(3, dtype=torch.float64).index_add_(
         0, flat[keep], 1 - p.gather(1, flat[keep][:, None])[:, 0]) / keep.sum()
     torch.testing.assert_close(crit.stats.pos_grad, want)
+
+
+@pytest.mark.parametrize("source", ["adjusted", "raw"])
+@pytest.mark.parametrize("decay", [1.0, 0.9])
+def test_mass_indicator_is_the_summed_predicted_probability(source, decay):
+    """indicator="mass": M_j accumulates sum_n softmax(.)_nj / N over the non-ignored rows
+    (of the adjusted logits at the margins in force, or of the raw ones), summed directly
+    here, and sets the margins log M_j."""
+    crit = SoftmaxEQLVariantLoss(5, indicator="mass", source=source, decay=decay)
+    mass = torch.zeros(5, dtype=torch.float64)
+    for step, (logits, targets) in enumerate(_batches()):
+        targets = targets.clone()
+        targets[: step % 3] = -100  # some steps with ignored rows
+        margin = crit.class_terms()["margin"]
+        torch.testing.assert_close(margin, torch.log(mass.clamp(min=1e-4)))
+        _step(crit, logits, targets)
+        z = logits.double() + (margin if source == "adjusted" else 0)
+        keep = targets != -100
+        mass = decay * mass + torch.softmax(z[keep], 1).sum(0) / int(keep.sum())
+        torch.testing.assert_close(crit.mass, mass)
+    assert int(crit.stats.num_updates) == 6
+    assert "mass" in crit.state_dict()
+
+
+def test_mass_indicator_tends_to_the_class_frequencies():
+    """Trained on a stream with class frequencies 8:4:2:1 (a linear model on noise, so only
+    the prior can be learnt), the accumulated predicted mass ends near those frequencies
+    although the loss never saw them."""
+    torch.manual_seed(0)
+    freq = torch.tensor([8.0, 4.0, 2.0, 1.0])
+    model = torch.nn.Linear(3, 4)
+    crit = SoftmaxEQLVariantLoss(4, indicator="mass", decay=0.99)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(600):
+        t = torch.multinomial(freq, 64, replacement=True)
+        loss = crit(model(torch.randn(64, 3)), t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    share = crit.mass / crit.mass.sum()
+    torch.testing.assert_close(share, (freq / freq.sum()).double(), rtol=0.15, atol=0.0)

@@ -12,7 +12,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..functional._common import compute_dtype
+from ..functional._common import compute_dtype, per_class_sum, scale_of
 from ..functional.softmax import _adjusted_cross_entropy, _check_softmax_inputs
 from ..functional.softmax_eql_variants import INDICATORS, eql_indicator, raw_softmax_increments
 from ..stats import GradientStatistics
@@ -21,10 +21,22 @@ from .contract import REDUCTION, LossTraits, Param
 from .registry import register_loss
 from .softmax import _SoftmaxScores
 
-__all__ = ["SoftmaxEQLVariantLoss", "STATISTICS_SOURCES"]
+__all__ = ["SoftmaxEQLVariantLoss", "STATISTICS_SOURCES", "VARIANT_INDICATORS"]
 
 #: where the gradient statistics are taken: the adjusted logits (paper) or the raw ones
 STATISTICS_SOURCES = ("adjusted", "raw")
+#: the indicators read off the statistics, and "mass" (the summed predicted probabilities)
+VARIANT_INDICATORS = INDICATORS + ("mass",)
+
+
+def _valid_counts(targets: torch.Tensor, ignore_index: int, reduction: str, num_classes: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """``[C]`` non-ignored rows (pixels) per class in the batch, times the reduction's scale
+    (``1 / valid rows`` for a mean), as the statistics increments are; no host read."""
+    valid = targets != ignore_index
+    ones = valid.to(dtype)
+    counts = per_class_sum(ones, targets.masked_fill(~valid, 0), None, num_classes)
+    return counts * scale_of(reduction, ones.sum().clamp(min=1))
 
 
 @register_loss("softmax_eql_x")
@@ -38,9 +50,16 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
       = |softmax(z~) - y|``. ``"raw"``: the gradient of plain cross-entropy at the raw logits,
       ``|softmax(z) - y|`` (:func:`~eqlosses.functional.softmax_eql_variants.raw_softmax_increments`),
       which does not shrink or grow with the margins the statistics set.
-    * ``indicator``: ``"pos"`` ``I = P``, ``"neg"`` ``I = Nn``, ``"ratio"`` ``I = P / Nn``.
+    * ``indicator``: ``"pos"`` ``I = P``, ``"neg"`` ``I = Nn``, ``"ratio"`` ``I = P / Nn``;
+      ``"mass"`` ``I_j = M_j``, the accumulated predicted probability of class j over every row,
+      ``M_j += sum_n p_nj / N`` (``p`` the softmax of the statistics' source; buffer ``mass``).
+      It reads no label: it is the negative half of the gradient of a per-class bias,
+      ``d loss / d b_j = sum_n (p_nj - y_nj) / N``, which training drives to zero, so ``M``
+      tends to the class frequencies of the training stream (the prior balanced softmax is
+      given) without being told them. Computed as ``Nn_j + n_j - P_j`` (``n_j`` the batch's
+      rows of class j), the same sum to rounding.
     * ``decay``: 1 (default) uses the cumulative sums; below 1, ``I`` is read off decaying
-      sums ``S_t = decay * S_{t-1} + inc_t`` (buffers ``avg_pos``, ``avg_neg``), which forget
+      sums ``S_t = decay * S_{t-1} + inc_t`` (buffers ``avg_pos``, ``avg_neg``, ``mass``), which forget
       the early steps (``decay=0.99``: a horizon of about 100 steps). ``self.stats`` keeps the
       cumulative sums in either case (monitoring, checkpoints).
     * ``tau_warmup``: ``tau_t = tau * min(1, updates / tau_warmup)`` (0: constant ``tau``).
@@ -60,7 +79,7 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
     traits = LossTraits(
         activation="softmax", backgrounds={"none": {}}, heads=("cls", "seg"),
         params={"tau": Param(float, low=0), "eps": Param(float, low=0, low_open=True),
-                "indicator": Param(str, choices=INDICATORS),
+                "indicator": Param(str, choices=VARIANT_INDICATORS),
                 "source": Param(str, choices=STATISTICS_SOURCES,
                                     doc="gradient of the adjusted (paper) or raw logits"),
                 "decay": Param(float, low=0, high=1, low_open=True,
@@ -80,9 +99,13 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
         if self.decay < 1:
             self.register_buffer("avg_pos", torch.zeros(num_classes, dtype=torch.float64))
             self.register_buffer("avg_neg", torch.zeros(num_classes, dtype=torch.float64))
+        if self.indicator == "mass":
+            self.register_buffer("mass", torch.zeros(num_classes, dtype=torch.float64))
 
     def indicator_values(self) -> torch.Tensor:
         """``[C]`` the indicator ``I`` in force (from the cumulative or decaying sums)."""
+        if self.indicator == "mass":
+            return self.mass
         if self.decay < 1:
             return eql_indicator(self.avg_pos, self.avg_neg, self.indicator)
         return eql_indicator(self.stats.pos_grad, self.stats.neg_grad, self.indicator)
@@ -119,15 +142,24 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
             else:
                 pos, neg = raw_softmax_increments(logits, targets, self.ignore_index,
                                                   self.reduction, all_valid)
+            extra = None
+            if self.indicator == "mass":
+                counts = _valid_counts(targets, self.ignore_index, self.reduction,
+                                       self.num_classes, pos.dtype)
+                extra = (neg + counts - pos).unsqueeze(0)  # sum_n p_nj, reduced with the stats
             if self.decay < 1:
                 before = torch.stack([self.stats.pos_grad, self.stats.neg_grad]).clone()
-                applied = self.stats.update(pos, neg, warn=self.validate)
+                applied = self.stats.update(pos, neg, warn=self.validate, extra=extra)
                 with torch.no_grad():
                     inc = torch.stack([self.stats.pos_grad, self.stats.neg_grad]) - before
                     for buf, d in ((self.avg_pos, inc[0]), (self.avg_neg, inc[1])):
                         buf.copy_(torch.where(applied, self.decay * buf + d, buf))
             else:
-                self._update_stats(pos, neg)
+                applied = self.stats.update(pos, neg, warn=self.validate, extra=extra)
+            if extra is not None:  # zero when skipped; a skipped step does not decay either
+                with torch.no_grad():
+                    self.mass.copy_(torch.where(applied, self.decay * self.mass + extra[0],
+                                                self.mass))
         return res.loss
 
     def class_terms(self) -> Dict[str, torch.Tensor]:
