@@ -61,7 +61,7 @@ SETTINGS: Dict[str, tuple] = {
 }
 
 #: the settings evaluated on the test set (chosen on the validation table; see the docs page)
-FINAL: List[str] = ["ce", "bs", "eql_t2", "raw_pos_t15"]
+FINAL: List[str] = ["ce", "bs", "eql_t2", "raw_pos_t15", "mass"]
 
 COLUMNS = (("overall", "top1"), ("many", "many"), ("medium", "medium"), ("few", "few"))
 EPOCHS = 100
