@@ -74,6 +74,23 @@ def test_decaying_sums_and_ratio_indicator():
     assert {"avg_pos", "avg_neg"} <= set(crit.state_dict())
 
 
+@pytest.mark.parametrize("indicator", ["pos", "mass"])
+def test_a_skipped_step_neither_adds_to_nor_decays_the_loss_sums(indicator):
+    crit = SoftmaxEQLVariantLoss(5, source="raw", indicator=indicator, decay=0.5)
+    for logits, targets in _batches(n=3):
+        _step(crit, logits, targets)
+    names = ["avg_pos", "avg_neg"] + (["mass"] if indicator == "mass" else [])
+    before = {k: getattr(crit, k).clone() for k in names}
+    assert all(v.abs().sum() > 0 for v in before.values())
+    logits, targets = _batches(n=1, seed=1)[0]
+    logits[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        _step(crit, logits, targets)
+    assert int(crit.stats.num_skipped) == 1
+    for k in names:
+        assert torch.equal(getattr(crit, k), before[k]), k
+
+
 def test_tau_warmup_ramps_the_margin():
     crit = SoftmaxEQLVariantLoss(5, tau=2.0, tau_warmup=4)
     full = SoftmaxEQLVariantLoss(5, tau=2.0)

@@ -142,24 +142,24 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
             else:
                 pos, neg = raw_softmax_increments(logits, targets, self.ignore_index,
                                                   self.reduction, all_valid)
-            extra = None
+            # the loss's own per-class sums ride in the statistics' one all-reduce and come
+            # back summed over the processes, zeroed if the step is skipped
+            rows = []
+            if self.decay < 1:
+                rows += [pos, neg]
             if self.indicator == "mass":
                 counts = _valid_counts(targets, self.ignore_index, self.reduction,
                                        self.num_classes, pos.dtype)
-                extra = (neg + counts - pos).unsqueeze(0)  # sum_n p_nj, reduced with the stats
-            if self.decay < 1:
-                before = torch.stack([self.stats.pos_grad, self.stats.neg_grad]).clone()
-                applied = self.stats.update(pos, neg, warn=self.validate, extra=extra)
-                with torch.no_grad():
-                    inc = torch.stack([self.stats.pos_grad, self.stats.neg_grad]) - before
-                    for buf, d in ((self.avg_pos, inc[0]), (self.avg_neg, inc[1])):
-                        buf.copy_(torch.where(applied, self.decay * buf + d, buf))
-            else:
-                applied = self.stats.update(pos, neg, warn=self.validate, extra=extra)
-            if extra is not None:  # zero when skipped; a skipped step does not decay either
-                with torch.no_grad():
-                    self.mass.copy_(torch.where(applied, self.decay * self.mass + extra[0],
-                                                self.mass))
+                rows.append(neg + counts - pos)  # sum_n p_nj
+            extra = torch.stack(rows).to(self.stats.pos_grad.dtype) if rows else None
+            applied = self.stats.update(pos, neg, warn=self.validate, extra=extra)
+            if extra is not None:
+                bufs = [self.avg_pos, self.avg_neg] if self.decay < 1 else []
+                if self.indicator == "mass":
+                    bufs.append(self.mass)
+                with torch.no_grad():  # a skipped step does not decay either
+                    for buf, inc in zip(bufs, extra):
+                        buf.copy_(torch.where(applied, self.decay * buf + inc, buf))
         return res.loss
 
     def class_terms(self) -> Dict[str, torch.Tensor]:
