@@ -11,6 +11,12 @@ the extra peak over the baseline in units of one logits-sized tensor.
     python benchmarks/bench_losses.py                  # CPU, all cases, writes a markdown table
     python benchmarks/bench_losses.py --device cuda    # the same on a GPU
     python benchmarks/bench_losses.py --quick          # small sizes, seconds (smoke test)
+    python benchmarks/bench_losses.py --breakdown      # where Softmax-EQL's time goes
+
+``--breakdown`` times, round-robin in one run on the same inputs, ``cross_entropy`` and
+Softmax-EQL built up in stages (the kernel alone, with its per-class sums, the whole loss with
+and without validation), each with its forward + backward, and prints for each stage the
+fastest and the median call and the number of aten operations it dispatches.
 """
 
 from __future__ import annotations
@@ -151,6 +157,79 @@ def time_case(name, device, quick, repeats, clock=time.perf_counter):
             statistics.median(ratios), best)
 
 
+def _breakdown_stages(device, quick):
+    """name -> forward + backward of one stage of Softmax-EQL (and the baseline), and the
+    logits whose gradient each call fills."""
+    from eqlosses.functional.softmax import _adjusted_cross_entropy
+
+    n, c = (128, 200) if quick else (512, 1000)
+    logits = torch.randn(n, c, device=device, requires_grad=True)
+    t = _long_tail_targets(n, c, device)
+    crit = eqlosses.SoftmaxEQLLoss(c).to(device)
+    lax = eqlosses.SoftmaxEQLLoss(c, validate=False).to(device)
+    for _ in range(3):  # statistics as in training: classes not yet seen sit at the eps clamp
+        crit(logits, t)
+        lax(logits, t)
+    a = crit.class_terms()["margin"].to(logits.dtype)
+
+    def kernel(want_stats):
+        return lambda: _adjusted_cross_entropy(logits, t, a, -100, "mean", want_stats,
+                                               all_valid=True).loss.backward()
+
+    stages = {
+        "cross_entropy (baseline)": lambda: F.cross_entropy(logits, t).backward(),
+        "kernel: adjusted CE, closed-form gradient": kernel(False),
+        "+ per-class gradient sums": kernel(True),
+        "whole loss (+ checks, adjustment, statistics update)": lambda: crit(logits, t).backward(),
+        "whole loss, validate=False": lambda: lax(logits, t).backward(),
+    }
+    return stages, logits
+
+
+def _count_ops(fn):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def breakdown(device, quick, repeats, clock=time.perf_counter):
+    stages, logits = _breakdown_stages(device, quick)
+    ops = {}
+    for name, fn in stages.items():  # warm-up, and the operation count
+        fn()
+        logits.grad = None
+        ops[name] = _count_ops(fn)
+        logits.grad = None
+    times = {name: [] for name in stages}
+    order = list(stages)
+    for i in range(repeats):
+        for name in order[i % len(order):] + order[:i % len(order)]:  # rotate the order
+            _sync(device)
+            start = clock()
+            stages[name]()
+            _sync(device)
+            times[name].append(clock() - start)
+            logits.grad = None
+    base = order[0]
+    rows = ["| stage | aten ops | fastest (ms) | median (ms) | fastest / baseline's |",
+            "|---|---|---|---|---|"]
+    for name in order:
+        best = min(times[name])
+        rows.append(f"| {name} | {ops[name]} | {best * 1e3:.3f} | "
+                    f"{statistics.median(times[name]) * 1e3:.3f} | "
+                    f"{best / min(times[base]):.2f}x |")
+    return "\n".join(rows)
+
+
 def _status_kib(field):
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -207,12 +286,23 @@ def main(argv=None) -> int:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or this process's CPU time (steadier on a shared VM)")
     parser.add_argument("--out", type=Path, default=None, help="write the table (markdown)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="where Softmax-EQL's time goes, stage by stage (N=512, C=1000)")
     parser.add_argument("--peak-child", nargs=2, metavar=("CASE", "WHICH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.peak_child:
         _peak_child(*args.peak_child, args.device, args.quick)
+        return 0
+    if args.breakdown:
+        clock = time.perf_counter if args.clock == "wall" else time.process_time
+        print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+              f"repeats={args.repeats} clock={args.clock}{' quick' if args.quick else ''}")
+        table = breakdown(args.device, args.quick, args.repeats, clock)
+        print(table)
+        if args.out:
+            args.out.write_text(table + "\n")
         return 0
     rows = []
     header = ("| case | eqlosses (ms) | baseline (ms) | time ratio | best-of ratio "
