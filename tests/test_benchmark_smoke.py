@@ -25,6 +25,20 @@ def test_benchmark_quick_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_benchmark_breakdown_builds_softmax_eql_up_stage_by_stage(tmp_path):
+    out = tmp_path / "breakdown.md"
+    res = subprocess.run([sys.executable, str(SCRIPT), "--breakdown", "--quick", "--repeats", "2",
+                          "--out", str(out)], capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr
+    rows = [line.split(" | ") for line in out.read_text().splitlines()[2:]]
+    assert [r[0][2:] for r in rows][0] == "cross_entropy (baseline)" and len(rows) == 5
+    ops = [int(r[1]) for r in rows]
+    # each stage adds operations to the one before; the unvalidated loss masks, so it has more
+    assert ops[0] < ops[1] < ops[2] < ops[3] < ops[4]
+    assert rows[0][4] == "1.00x |" and all(float(r[2]) > 0 for r in rows)
+
+
+@pytest.mark.slow
 def test_benchmark_memory_measurement_runs():
     res = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--repeats", "1",
                           "--cases", "softmax_eql_cls"], capture_output=True, text=True,
