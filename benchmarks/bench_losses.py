@@ -106,7 +106,7 @@ def _softmax_cls(device, quick):
 @case("softmax_eql_cls_compiled", "SoftmaxEQLLoss compiled (validate=False, torch.compile "
       "fullgraph) vs cross_entropy, N=512, C=1000")
 def _softmax_cls_compiled(device, quick):
-    """The remedy for the per-call cost of ~55 eager operations (launch-bound on a GPU):
+    """The remedy for the per-call cost of ~50 eager operations (launch-bound on a GPU):
     the loss compiled into a few fused kernels; the baseline stays eager ``cross_entropy``.
     The compilation happens in the warm-up calls, outside the timing."""
     n, c = (128, 200) if quick else (512, 1000)
