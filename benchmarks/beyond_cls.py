@@ -58,6 +58,8 @@ SETTINGS: Dict[str, tuple] = {
                      "'pos' of the unadjusted logits, tau ramped 0 -> 1 over 400 steps"),
     "mass": ("softmax_eql_x", {"indicator": "mass"},
              "predicted class mass sum_n softmax(z~)_nj (no labels), tau 1"),
+    "mass_ema": ("softmax_eql_x", {"indicator": "mass", "decay": 0.99},
+                 "predicted class mass, decaying average (0.99/step), tau 1"),
 }
 
 #: the settings evaluated on the test set (chosen on the validation table; see the docs page)
