@@ -58,6 +58,10 @@ SETTINGS: Dict[str, tuple] = {
                      "'pos' of the unadjusted logits, tau ramped 0 -> 1 over 400 steps"),
     "mass": ("softmax_eql_x", {"indicator": "mass"},
              "predicted class mass sum_n softmax(z~)_nj (no labels), tau 1"),
+    "mass_t12": ("softmax_eql_x", {"indicator": "mass", "tau": 1.2},
+                 "predicted class mass, tau 1.2"),
+    "mass_t15": ("softmax_eql_x", {"indicator": "mass", "tau": 1.5},
+                 "predicted class mass, tau 1.5"),
     "mass_ema": ("softmax_eql_x", {"indicator": "mass", "decay": 0.99},
                  "predicted class mass, decaying average (0.99/step), tau 1"),
 }
