@@ -295,10 +295,10 @@ def main(argv=None) -> int:
     if args.peak_child:
         _peak_child(*args.peak_child, args.device, args.quick)
         return 0
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"repeats={args.repeats} clock={args.clock}{' quick' if args.quick else ''}")
     if args.breakdown:
-        clock = time.perf_counter if args.clock == "wall" else time.process_time
-        print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-              f"repeats={args.repeats} clock={args.clock}{' quick' if args.quick else ''}")
         table = breakdown(args.device, args.quick, args.repeats, clock)
         print(table)
         if args.out:
@@ -307,10 +307,7 @@ def main(argv=None) -> int:
     rows = []
     header = ("| case | eqlosses (ms) | baseline (ms) | time ratio | best-of ratio "
               "| extra peak memory (logits) |")
-    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"repeats={args.repeats} clock={args.clock}{' quick' if args.quick else ''}")
     for name in args.cases:
-        clock = time.perf_counter if args.clock == "wall" else time.process_time
         ours, base, ratio, best = time_case(name, args.device, args.quick, args.repeats, clock)
         mem = "n/a" if args.no_memory else f"{peak_case(name, args.device, args.quick):+.2f}"
         row = (f"| {CASES[name][0]} | {ours * 1e3:.2f} | {base * 1e3:.2f} | "

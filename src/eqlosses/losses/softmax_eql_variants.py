@@ -144,21 +144,19 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
                                                   self.reduction, all_valid)
             # the loss's own per-class sums ride in the statistics' one all-reduce and come
             # back summed over the processes, zeroed if the step is skipped
-            rows = []
+            sums = []  # (buffer, this step's increment)
             if self.decay < 1:
-                rows += [pos, neg]
+                sums += [(self.avg_pos, pos), (self.avg_neg, neg)]
             if self.indicator == "mass":
                 counts = _valid_counts(targets, self.ignore_index, self.reduction,
                                        self.num_classes, pos.dtype)
-                rows.append(neg + counts - pos)  # sum_n p_nj
-            extra = torch.stack(rows).to(self.stats.pos_grad.dtype) if rows else None
+                sums.append((self.mass, neg + counts - pos))  # sum_n p_nj
+            extra = (torch.stack([inc for _, inc in sums]).to(self.stats.pos_grad.dtype)
+                     if sums else None)
             applied = self.stats.update(pos, neg, warn=self.validate, extra=extra)
-            if extra is not None:
-                bufs = [self.avg_pos, self.avg_neg] if self.decay < 1 else []
-                if self.indicator == "mass":
-                    bufs.append(self.mass)
+            if sums:
                 with torch.no_grad():  # a skipped step does not decay either
-                    for buf, inc in zip(bufs, extra):
+                    for (buf, _), inc in zip(sums, extra):
                         buf.copy_(torch.where(applied, self.decay * buf + inc, buf))
         return res.loss
 
