@@ -15,6 +15,9 @@ the final settings (``FINAL``), once per run, from its checkpoint (``test_metric
     # --docs also writes the tables into README.md and docs/beyond-the-paper.md
     python benchmarks/beyond_cls.py report --docs
 
+The runs are not committed: ``report`` keeps the committed rows (and plots) of the settings
+whose runs this checkout lacks, and recomputes the others.
+
 Outputs in ``benchmarks/results/beyond_cls``: ``table.md`` (test, final settings),
 ``val_table.md`` (every screened setting), ``per_class.md``, ``indicator_*.png``.
 """
@@ -64,6 +67,12 @@ SETTINGS: Dict[str, tuple] = {
                  "predicted class mass, tau 1.5"),
     "mass_ema": ("softmax_eql_x", {"indicator": "mass", "decay": 0.99},
                  "predicted class mass, decaying average (0.99/step), tau 1"),
+    "mass_g01": ("softmax_eql_x", {"indicator": "mass", "gamma": 0.1},
+                 "predicted class mass, tau 1, logits scaled by (M_j / max M)^0.1"),
+    "mass_g02": ("softmax_eql_x", {"indicator": "mass", "gamma": 0.2},
+                 "predicted class mass, tau 1, logits scaled by (M_j / max M)^0.2"),
+    "mass_g03": ("softmax_eql_x", {"indicator": "mass", "gamma": 0.3},
+                 "predicted class mass, tau 1, logits scaled by (M_j / max M)^0.3"),
 }
 
 #: the settings evaluated on the test set (chosen on the validation table; see the docs page)
@@ -135,11 +144,28 @@ def test_metrics(run: Path) -> Dict[str, Any]:
 def _table(rows, header: str) -> List[str]:
     lines = [header, "", "| imbalance | setting | seeds | overall | many | medium | few |",
              "|---|---|---|---|---|---|---|"]
-    for imbalance, tag, seeds, runs in rows:
+    for row in rows:
+        if isinstance(row, str):  # kept from the committed table
+            lines.append(row)
+            continue
+        imbalance, tag, seeds, runs = row
         cells = [_cell([_value(m, key) for m in runs]) for _, key in COLUMNS]
         lines.append(f"| {imbalance:g} | {tag}: {SETTINGS[tag][2]} | "
                      f"{','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _committed_rows(name: str) -> Dict[tuple, str]:
+    """The rows of a committed table in ``OUT``, keyed by (imbalance, setting tag), so that
+    a report from a checkout that lacks some runs keeps their rows instead of dropping them
+    (the runs themselves are not committed)."""
+    path, rows = OUT / name, {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) > 2 and cells[0].replace(".", "", 1).isdigit():
+                rows[(float(cells[0]), cells[1].split(":")[0])] = line
+    return rows
 
 
 def cmd_report(args) -> int:
@@ -149,10 +175,16 @@ def cmd_report(args) -> int:
                 "cosine, batch 128, weight decay 5e-4; accuracy (%), mean ± std over seeds; "
                 "many > 100, medium 20-100, few < 20 training images.")
     val_rows, test_rows, per_class = [], [], []
+    kept = {name: _committed_rows(name) for name in ("val_table.md", "table.md", "per_class.md")}
     for imbalance in args.imbalance:
         for tag in SETTINGS:
             runs = _runs(imbalance, tag)
             if not runs:
+                key = (imbalance, tag)
+                for rows, name in ((val_rows, "val_table.md"), (test_rows, "table.md"),
+                                   (per_class, "per_class.md")):
+                    if key in kept[name]:
+                        rows.append(kept[name][key])
                 continue
             metrics = [json.loads((r / "metrics.json").read_text())["metrics"]
                        for r in runs.values()]
@@ -172,7 +204,11 @@ def cmd_report(args) -> int:
              "0..9 in decreasing training count.", "",
              "| imbalance | setting | " + " | ".join(str(k) for k in range(10)) + " |",
              "|---|---|" + "---|" * 10]
-    for imbalance, tag, mean in per_class:
+    for row in per_class:
+        if isinstance(row, str):
+            lines.append(row)
+            continue
+        imbalance, tag, mean = row
         lines.append(f"| {imbalance:g} | {tag} | " + " | ".join(f"{v:.1f}" for v in mean) + " |")
     (OUT / "val_table.md").write_text("\n".join(val) + "\n")
     (OUT / "table.md").write_text("\n".join(test) + "\n")
@@ -214,7 +250,10 @@ def plot_indicators(args) -> None:
     for imbalance in args.imbalance:
         tags = [t for t in SETTINGS if SETTINGS[t][0] in ("softmax_eql", "softmax_eql_x")
                 and 0 in _runs(imbalance, t)]
-        if not tags:
+        missing = [t for t in FINAL if SETTINGS[t][0] in ("softmax_eql", "softmax_eql_x")
+                   and t not in tags]
+        if missing:  # a partial checkout of the runs: keep the committed plot
+            print(f"indicator_r{imbalance:g}.png kept: no seed-0 run of {', '.join(missing)}")
             continue
         fig, axes = plt.subplots(2, len(tags), figsize=(3.6 * len(tags) + 1.0, 6.4),
                                  squeeze=False, sharey="row")

@@ -176,3 +176,44 @@ def test_mass_indicator_tends_to_the_class_frequencies():
         opt.step()
     share = crit.mass / crit.mass.sum()
     torch.testing.assert_close(share, (freq / freq.sum()).double(), rtol=0.15, atol=0.0)
+
+
+@pytest.mark.parametrize("shape", [(48, 5), (4, 5, 3, 2)])
+def test_gamma_scales_each_class_logit_by_its_indicator_share(shape):
+    """gamma > 0: the loss is CE(s * z + margin) with s_j = (I_j / max I)^gamma (eps-clamped),
+    written out here with autograd, for rows and for pixels (class dim 1); the statistics
+    (here the mass, which reads the softmax of the adjusted logits) follow the same logits."""
+    gamma = 0.5
+    crit = SoftmaxEQLVariantLoss(5, indicator="mass", gamma=gamma)
+    assert torch.equal(crit.class_terms()["scale"], torch.ones(5, dtype=torch.float64))
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        logits = torch.randn(*shape, generator=g, dtype=torch.float64) * 3
+        targets = torch.randint(0, 5, (shape[0],) + shape[2:], generator=g)
+        terms = crit.class_terms()
+        ind = crit.mass.clamp(min=1e-4)
+        torch.testing.assert_close(terms["scale"], (ind / ind.max()) ** gamma)
+        view = (1, 5) + (1,) * (len(shape) - 2)
+        ref = logits.clone().requires_grad_()
+        want = torch.nn.functional.cross_entropy(
+            ref * terms["scale"].view(view) + terms["margin"].view(view), targets)
+        want.backward()
+        mass_before = crit.mass.clone()
+        loss, grad = _step(crit, logits, targets)
+        torch.testing.assert_close(loss, want.detach())
+        torch.testing.assert_close(grad, ref.grad)
+        z = logits * terms["scale"].view(view) + terms["margin"].view(view)
+        p = torch.softmax(z, 1).movedim(1, -1).reshape(-1, 5)
+        torch.testing.assert_close(crit.mass, mass_before + p.sum(0) / len(p))
+    assert not torch.equal(crit.class_terms()["scale"], torch.ones(5, dtype=torch.float64))
+
+
+def test_gamma_zero_changes_nothing():
+    plain, zero = SoftmaxEQLVariantLoss(5, indicator="mass"), SoftmaxEQLVariantLoss(
+        5, indicator="mass", gamma=0.0)
+    for logits, targets in _batches():
+        a, b = _step(plain, logits, targets), _step(zero, logits, targets)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert "scale" not in zero.class_terms()
+    with pytest.raises(ValueError, match="gamma"):
+        SoftmaxEQLVariantLoss(5, gamma=-1.0)

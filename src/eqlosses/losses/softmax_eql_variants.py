@@ -63,6 +63,13 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
       the early steps (``decay=0.99``: a horizon of about 100 steps). ``self.stats`` keeps the
       cumulative sums in either case (monitoring, checkpoints).
     * ``tau_warmup``: ``tau_t = tau * min(1, updates / tau_warmup)`` (0: constant ``tau``).
+    * ``gamma``: 0 (default) leaves the logits as they are; above 0 they are also scaled per
+      class before the margins are added, ``z~_nj = s_j z_nj + tau_t log max(I_j, eps)`` with
+      ``s_j = (max(I_j, eps) / max_k max(I_k, eps))^gamma`` (a label-free form of the
+      vector-scaling loss of Kini et al., 2021, which takes ``s_j = (n_j / n_max)^gamma``
+      from the counts). A rare class's logit is scaled down in training, so the model must
+      make it larger to win: a margin that, unlike the additive one, does not fade as the
+      logits grow on separable data. Predictions use the unscaled logits.
 
     With the defaults it computes exactly the paper's loss and statistics. Weights at step t
     use the statistics through step t - 1; evaluation forwards update nothing.
@@ -85,16 +92,18 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
                 "decay": Param(float, low=0, high=1, low_open=True,
                                doc="1: cumulative sums; < 1: decaying sums"),
                 "tau_warmup": Param(int, low=0, doc="steps over which tau ramps up from 0"),
+                "gamma": Param(float, low=0,
+                               doc="per-class logit scale (I_j / max I)^gamma; 0: none"),
                 "reduction": REDUCTION},
         pixels="native", gradient_statistics=True)
 
     def __init__(self, num_classes: int, tau: float = 1.0, eps: float = 1e-4,
                  indicator: str = "pos", source: str = "adjusted", decay: float = 1.0,
-                 tau_warmup: int = 0, ignore_index: int = -100, reduction: str = "mean",
+                 tau_warmup: int = 0, gamma: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
                  stats: Optional[GradientStatistics] = None, *, validate: bool = True):
         super().__init__(num_classes, ignore_index, reduction, stats, validate=validate)
         self._set_hparams(tau=tau, eps=eps, indicator=indicator, source=source,
-                          decay=decay, tau_warmup=tau_warmup)
+                          decay=decay, tau_warmup=tau_warmup, gamma=gamma)
         self.num_channels = num_classes
         if self.decay < 1:
             self.register_buffer("avg_pos", torch.zeros(num_classes, dtype=torch.float64))
@@ -126,15 +135,26 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
             return log_i  # the same bits as SoftmaxEQLLoss
         return (self.current_tau().to(dtype) * log_i).to(dtype)
 
+    def logit_scale(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``[C]`` per-class logit scales ``s_j = (max(I_j, eps) / max_k max(I_k, eps))^gamma``
+        in ``dtype`` (all ones while the indicator is flat, e.g. before the first update)."""
+        ind = self.indicator_values().to(dtype).clamp(min=self.eps)
+        return (ind / ind.max()).pow(self.gamma)
+
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self._check_state_device(logits)
         update = self.updates_state
         targets, all_valid = _check_softmax_inputs(logits, targets, self.num_channels,
                                                    "Softmax-EQL variant", self.ignore_index,
                                                    self.reduction, self.validate)
-        a = self.adjustment(compute_dtype(logits))
+        dtype = compute_dtype(logits)
+        a = self.adjustment(dtype)
+        scaled = logits
+        if self.gamma:
+            shape = (1, -1) + (1,) * (logits.dim() - 2)
+            scaled = logits.to(dtype) * self.logit_scale(dtype).view(shape)
         own = update and self.source == "adjusted"
-        res = _adjusted_cross_entropy(logits, targets, a, self.ignore_index, self.reduction,
+        res = _adjusted_cross_entropy(scaled, targets, a, self.ignore_index, self.reduction,
                                       want_stats=own, all_valid=all_valid)
         if update:
             if own:
@@ -161,4 +181,7 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
         return res.loss
 
     def class_terms(self) -> Dict[str, torch.Tensor]:
-        return {"indicator": self.indicator_values(), "margin": self.adjustment()}
+        terms = {"indicator": self.indicator_values(), "margin": self.adjustment()}
+        if self.gamma:
+            terms["scale"] = self.logit_scale()
+        return terms
