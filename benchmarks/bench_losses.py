@@ -10,7 +10,7 @@ the extra peak over the baseline in units of one logits-sized tensor.
 
     python benchmarks/bench_losses.py                  # CPU, all cases, writes a markdown table
     python benchmarks/bench_losses.py --device cuda    # the same on a GPU
-    python benchmarks/bench_losses.py --quick          # small sizes, seconds (smoke test)
+    python benchmarks/bench_losses.py --quick          # small sizes, under a minute (smoke test)
     python benchmarks/bench_losses.py --breakdown      # where Softmax-EQL's time goes
 
 ``--breakdown`` times, round-robin in one run on the same inputs, ``cross_entropy`` and
@@ -310,7 +310,8 @@ def main(argv=None) -> int:
     for name in args.cases:
         ours, base, ratio, best = time_case(name, args.device, args.quick, args.repeats, clock)
         mem = "n/a" if args.no_memory else f"{peak_case(name, args.device, args.quick):+.2f}"
-        row = (f"| {CASES[name][0]} | {ours * 1e3:.2f} | {base * 1e3:.2f} | "
+        label = CASES[name][0] + (" (--quick: smaller sizes than named)" if args.quick else "")
+        row = (f"| {label} | {ours * 1e3:.2f} | {base * 1e3:.2f} | "
                f"{ratio:.2f}x | {best:.2f}x | {mem} |")
         rows.append(row)
         print(row, flush=True)

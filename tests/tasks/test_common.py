@@ -104,6 +104,17 @@ def test_files_that_are_not_checkpoints_are_clear_errors(tmp_path):
         load_checkpoint(tmp_path / "cut.pt")
     with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "text.pt").write_text("hi")  # torch's own error is a bare KeyError(104)
+    with pytest.raises(ValueError, match=r"text.pt cannot be read as a torch file \(KeyError"):
+        load_checkpoint(tmp_path / "text.pt")
+
+
+def test_eval_names_what_a_dict_without_our_format_holds(tmp_path, capsys):
+    torch.save({"a": 1, "state_dict": {}}, tmp_path / "other.pt")
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "other.pt"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "not an eqlosses checkpoint: it has no 'format' entry" in err
+    assert "'a', 'state_dict'" in err
 
 
 # --------------------------------------------------------------------------------------------

@@ -177,8 +177,8 @@ def test_not_a_run_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         report_run(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.yaml, no log.jsonl and no "
-                                                "metrics.json"):
+    with pytest.raises(FileNotFoundError,
+                       match="no config.yaml, log.jsonl, metrics.json or stats.bin"):
         report_run(tmp_path / "empty")
 
 
@@ -303,3 +303,22 @@ def test_the_demo_report_compares_cross_entropy_with_softmax_eql(tmp_path):
     assert "Gradient ratio per class, per run" in captions(text)
     assert re.search(r"ce: many [0-9.e-]+, medium [0-9.e-]+, few [0-9.e-]+", plain)
     assert re.search(r"softmax_eql: many [0-9.e-]+", plain)
+
+
+@pytest.mark.slow  # figures drawn (seconds)
+def test_plot_reads_a_directory_holding_only_a_recorders_statistics(tmp_path, capsys):
+    """A training loop of one's own writes stats.bin with StatsRecorder and nothing else:
+    `eqlosses plot` reports it (as a classification run whose counts are unknown)."""
+    from eqlosses.cli import main
+
+    crit = SoftmaxEQLLoss(4)
+    rec = StatsRecorder(tmp_path / "mine" / "stats.bin", crit)
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 6):
+        crit(torch.randn(16, 4, generator=g), torch.tensor([0] * 10 + [1] * 4 + [2, 3]))
+        rec.record(step, epoch=0)
+    assert main(["plot", str(tmp_path / "mine")]) == 0
+    run = load_run(tmp_path / "mine")
+    assert run["task"] == "cls" and run["stats"] is not None and not run["finished"]
+    assert any("class counts are unknown" in note for note in run["notes"])
+    assert "report:" in capsys.readouterr().out

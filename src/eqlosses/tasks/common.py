@@ -294,8 +294,10 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
             f"(RUN_DIR/checkpoint.pt); if you trust this file, load it yourself with "
             f"torch.load(..., weights_only=False) and save only its state dicts.") from None
     except Exception as err:  # noqa: BLE001 - any other failure means the same thing
-        raise ValueError(f"checkpoint {path} cannot be read ({err}); it may be truncated or "
-                         f"not an eqlosses checkpoint") from None
+        # torch's own messages can be bare (a KeyError of a byte value for a text file)
+        detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise ValueError(f"checkpoint {path} cannot be read as a torch file ({detail}); it "
+                         f"may be truncated or not an eqlosses checkpoint") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not an eqlosses checkpoint: it holds a "
                          f"{type(ckpt).__name__}, not the dict that eqlosses writes")

@@ -259,13 +259,21 @@ def _format(kind: str) -> str:
     return f"eqlosses-{kind}-1"
 
 
+def _format_found(ckpt: Dict[str, Any]) -> str:
+    """What a checkpoint dict says of its format, for an error message."""
+    if "format" not in ckpt:
+        keys = ", ".join(map(repr, sorted(map(str, ckpt))[:5])) or "none"
+        return f"it has no 'format' entry (top-level keys: {keys})"
+    return f"its format is {ckpt['format']!r}"
+
+
 def check_checkpoint(ckpt: Dict[str, Any], cfg, kind: str, num_classes: int, path: Path,
                      layout: Optional[Dict[str, Any]] = None) -> None:
     """Refuse a checkpoint of another task, class count, model or loss (and, when ``layout``
     is given, of another sample order)."""
     if ckpt.get("format") != _format(kind):
-        raise ValueError(f"{path} is not an eqlosses '{kind}' checkpoint (format "
-                         f"{ckpt.get('format')!r})")
+        raise ValueError(f"{path} is not an eqlosses '{kind}' checkpoint: "
+                         f"{_format_found(ckpt)}, expected {_format(kind)!r}")
     old = ckpt["config"]
     problems = []
     if ckpt["num_classes"] != num_classes:
@@ -457,8 +465,8 @@ def evaluate_checkpoint(path: Path, device: str = "auto", overrides: Optional[li
     kind = next((t for t in TASK_MODULES if ckpt.get("format") == _format(t)), None)
     if kind is None or (task is not None and kind != task):
         wanted = f"'{task}' " if task else ""
-        raise ValueError(f"{path} is not an eqlosses {wanted}checkpoint (format "
-                         f"{ckpt.get('format')!r})")
+        raise ValueError(f"{path} is not an eqlosses {wanted}checkpoint: "
+                         f"{_format_found(ckpt)}")
     cfg = apply_overrides(from_dict(ckpt["config"], CONFIGS[kind]()), overrides or [])
     dev = resolve_device(device)
     job = task_module(kind).build_job(cfg, dev)

@@ -122,6 +122,12 @@ def _read_statistics(run_dir: Path, notes: List[str], loss: str
     return history, latest
 
 
+def _has_statistics(run_dir: Path) -> bool:
+    from ..monitor.recorder import LEGACY_STATS_FILE, STATS_FILE
+
+    return any((run_dir / name).is_file() for name in (STATS_FILE, LEGACY_STATS_FILE))
+
+
 def load_run(run_dir: Path) -> Dict[str, Any]:
     """Everything a run directory holds, finished or not.
 
@@ -135,7 +141,9 @@ def load_run(run_dir: Path) -> Dict[str, Any]:
     missing or damaged, as sentences), plus the other keys of ``metrics.json``.
 
     Raises FileNotFoundError when the directory does not exist or holds none of
-    ``config.yaml``, ``log.jsonl``, ``metrics.json``.
+    ``config.yaml``, ``log.jsonl``, ``metrics.json`` and a statistics history (a directory
+    with only the ``stats.bin`` of a :class:`~eqlosses.monitor.StatsRecorder` in a loop of
+    your own is read as a classification run whose counts are unknown).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -145,9 +153,9 @@ def load_run(run_dir: Path) -> Dict[str, Any]:
     config = _read_config(run_dir, notes)
     log = _read_log(run_dir, notes)
     result = _read_metrics(run_dir, notes)
-    if config is None and not log and result is None:
+    if config is None and not log and result is None and not _has_statistics(run_dir):
         raise FileNotFoundError(f"{run_dir} is not an eqlosses run directory: it has no "
-                                f"config.yaml, no log.jsonl and no metrics.json")
+                                f"config.yaml, log.jsonl, metrics.json or stats.bin")
     run: Dict[str, Any] = dict(result or {})
     run["finished"] = result is not None
     run["metrics"] = result["metrics"] if result is not None else None
