@@ -14,6 +14,8 @@ the final settings (``FINAL``), once per run, from its checkpoint (``test_metric
     # tables and plots (evaluates the FINAL settings' checkpoints on the test set once);
     # --docs also writes the tables into README.md and docs/beyond-the-paper.md
     python benchmarks/beyond_cls.py report --docs
+    # two settings seed by seed (validation and test), and their paired differences
+    python benchmarks/beyond_cls.py paired --tags mass bs
 
 The runs are not committed: ``report`` keeps the committed rows (and plots) of the settings
 whose runs this checkout lacks, and recomputes the others.
@@ -224,6 +226,54 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_paired(args) -> int:
+    """Two settings seed by seed, on the validation split and the test set, and their paired
+    differences (``paired_A_B.md``)."""
+    torch.set_num_threads(1)
+    a, b = args.tags
+    rows, summary = [], []
+    for imbalance in args.imbalance:
+        runs_a, runs_b = _runs(imbalance, a), _runs(imbalance, b)
+        for seed in sorted(set(runs_a) & set(runs_b)):
+            for split in ("validation", "test"):
+                if split == "test":
+                    ma, mb = test_metrics(runs_a[seed]), test_metrics(runs_b[seed])
+                else:
+                    ma, mb = (json.loads((r / "metrics.json").read_text())["metrics"]
+                              for r in (runs_a[seed], runs_b[seed]))
+                # the tail group: few-shot where there is one (imbalance 100), else medium
+                tail = "few" if not math.isnan(_value(ma, "few")) else "medium"
+                for group, key in (("overall", "top1"), (tail, tail)):
+                    va, vb = _value(ma, key), _value(mb, key)
+                    rows.append(f"| {imbalance:g} | {split} | {seed} | {group} | {va:.2f} | "
+                                f"{vb:.2f} | {va - vb:+.2f} |")
+                    summary.append((imbalance, split, group, va, vb))
+    lines = [f"`{a}` against `{b}`, paired by training seed; accuracy (%); difference = "
+             f"{a} - {b}. " + f"`python benchmarks/beyond_cls.py paired --tags {a} {b}`", "",
+             f"| imbalance | split | seeds | group | {a} | {b} | difference, mean ± std | "
+             f"seeds with {a} >= {b} |", "|---|---|---|---|---|---|---|---|"]
+    for imbalance in args.imbalance:
+        for split in ("validation", "test"):
+            for group in ("overall", "few", "medium"):
+                got = [(va, vb) for i, sp, g, va, vb in summary
+                       if (i, sp, g) == (imbalance, split, group)]
+                if len(got) < 2:
+                    continue
+                d = [va - vb for va, vb in got]
+                lines.append(
+                    f"| {imbalance:g} | {split} | {len(got)} | {group} | "
+                    f"{statistics.mean(v for v, _ in got):.2f} | "
+                    f"{statistics.mean(v for _, v in got):.2f} | {statistics.mean(d):+.2f} ± "
+                    f"{statistics.stdev(d):.2f} | {sum(x >= 0 for x in d)} of {len(d)} |")
+    lines += ["", "Seed by seed:", "",
+              f"| imbalance | split | seed | group | {a} | {b} | difference |",
+              "|---|---|---|---|---|---|---|"] + rows
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"paired_{a}_{b}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def replace_block(doc: Path, tag: str, lines: List[str]) -> None:
     """Replace the lines between ``<!-- tag -->`` and ``<!-- /tag -->`` in ``doc``."""
     text = doc.read_text()
@@ -299,6 +349,10 @@ def main(argv=None) -> int:
     p.add_argument("--docs", action="store_true",
                    help="write the tables into README.md and docs/beyond-the-paper.md")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("paired", help="two settings' test accuracy seed by seed")
+    p.add_argument("--imbalance", type=float, nargs="+", default=[100.0, 10.0])
+    p.add_argument("--tags", nargs=2, default=["mass", "bs"], choices=list(SETTINGS))
+    p.set_defaults(func=cmd_paired)
     args = parser.parse_args(argv)
     return args.func(args)
 
