@@ -68,8 +68,9 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
       ``s_j = (max(I_j, eps) / max_k max(I_k, eps))^gamma`` (a label-free form of the
       vector-scaling loss of Kini et al., 2021, which takes ``s_j = (n_j / n_max)^gamma``
       from the counts). A rare class's logit is scaled down in training, so the model must
-      make it larger to win: a margin that, unlike the additive one, does not fade as the
-      logits grow on separable data. Predictions use the unscaled logits.
+      make it larger to win: by Kini et al.'s argument a margin that, unlike the additive
+      one, does not fade as the logits grow on separable data. Predictions use the unscaled
+      logits. On Fashion-MNIST-LT it lowered accuracy (``docs/beyond-the-paper.md``).
 
     With the defaults it computes exactly the paper's loss and statistics. Weights at step t
     use the statistics through step t - 1; evaluation forwards update nothing.
@@ -99,7 +100,8 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
 
     def __init__(self, num_classes: int, tau: float = 1.0, eps: float = 1e-4,
                  indicator: str = "pos", source: str = "adjusted", decay: float = 1.0,
-                 tau_warmup: int = 0, gamma: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
+                 tau_warmup: int = 0, gamma: float = 0.0, ignore_index: int = -100,
+                 reduction: str = "mean",
                  stats: Optional[GradientStatistics] = None, *, validate: bool = True):
         super().__init__(num_classes, ignore_index, reduction, stats, validate=validate)
         self._set_hparams(tau=tau, eps=eps, indicator=indicator, source=source,
