@@ -364,3 +364,23 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the examples write files
     for i, block in enumerate(blocks):
         exec(compile(block, f"README.md python block {i}", "exec"), {"__name__": "readme"})
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_train_prints_its_results_on_the_first_process_only(tmp_path, monkeypatch, capsys, rank):
+    """Under torchrun every process runs the command; the results table and the output
+    directory are printed by rank 0 alone (the run itself is stubbed out here)."""
+    from eqlosses import distributed
+    from eqlosses.tasks import classification, reporting
+
+    result = {"name": "r", "loss": "ce", "metrics": {"top1": 0.5, "groups": {}}}
+    monkeypatch.setattr(classification, "train", lambda cfg, **kw: result)
+    monkeypatch.setattr(reporting, "format_table", lambda rows: "RESULTS TABLE")
+    monkeypatch.setattr(reporting, "report_run", lambda run_dir: run_dir / "report.html")
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    assert main(["train", "cls", "--run", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    if rank == 0:
+        assert "RESULTS TABLE" in out and f"outputs in {tmp_path / 'r'}" in out
+    else:
+        assert out == ""

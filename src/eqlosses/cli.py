@@ -102,6 +102,7 @@ def _resume(args, module):
 
 
 def _train(args) -> int:
+    from . import distributed
     from .config import load_config
     from .tasks.reporting import format_table, report_run
 
@@ -113,9 +114,11 @@ def _train(args) -> int:
         run_dir = _place_run(cfg, args, module)
     args.run_dir = run_dir  # for the Ctrl-C message
     result = module.train(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(format_table([result]))
+    if distributed.rank() == 0:  # under torchrun, one table, not one per process
+        print(format_table([result]))
     _report(lambda: report_run(run_dir))
-    print(f"outputs in {run_dir}")
+    if distributed.rank() == 0:
+        print(f"outputs in {run_dir}")
     return 0
 
 
