@@ -133,6 +133,11 @@ def _runs(imbalance: float, tag: str) -> Dict[int, Path]:
     return found
 
 
+def val_metrics(run: Path) -> Dict[str, Any]:
+    """The run's validation metrics (what training wrote to ``metrics.json``)."""
+    return json.loads((run / "metrics.json").read_text())["metrics"]
+
+
 def test_metrics(run: Path) -> Dict[str, Any]:
     """The run's test-set metrics, computed once from its checkpoint and cached."""
     cached = run / "test_metrics.json"
@@ -188,8 +193,7 @@ def cmd_report(args) -> int:
                     if key in kept[name]:
                         rows.append(kept[name][key])
                 continue
-            metrics = [json.loads((r / "metrics.json").read_text())["metrics"]
-                       for r in runs.values()]
+            metrics = [val_metrics(r) for r in runs.values()]
             val_rows.append((imbalance, tag, list(runs), metrics))
             if tag in FINAL:
                 tests = [test_metrics(r) for r in runs.values()]
@@ -236,11 +240,8 @@ def cmd_paired(args) -> int:
         runs_a, runs_b = _runs(imbalance, a), _runs(imbalance, b)
         for seed in sorted(set(runs_a) & set(runs_b)):
             for split in ("validation", "test"):
-                if split == "test":
-                    ma, mb = test_metrics(runs_a[seed]), test_metrics(runs_b[seed])
-                else:
-                    ma, mb = (json.loads((r / "metrics.json").read_text())["metrics"]
-                              for r in (runs_a[seed], runs_b[seed]))
+                read = test_metrics if split == "test" else val_metrics
+                ma, mb = read(runs_a[seed]), read(runs_b[seed])
                 # the tail group: few-shot where there is one (imbalance 100), else medium
                 tail = "few" if not math.isnan(_value(ma, "few")) else "medium"
                 for group, key in (("overall", "top1"), (tail, tail)):
@@ -349,7 +350,7 @@ def main(argv=None) -> int:
     p.add_argument("--docs", action="store_true",
                    help="write the tables into README.md and docs/beyond-the-paper.md")
     p.set_defaults(func=cmd_report)
-    p = sub.add_parser("paired", help="two settings' test accuracy seed by seed")
+    p = sub.add_parser("paired", help="two settings seed by seed (validation and test)")
     p.add_argument("--imbalance", type=float, nargs="+", default=[100.0, 10.0])
     p.add_argument("--tags", nargs=2, default=["mass", "bs"], choices=list(SETTINGS))
     p.set_defaults(func=cmd_paired)
