@@ -116,6 +116,33 @@ def _softmax_cls_compiled(device, quick):
     return (lambda: crit(logits, t).backward()), (lambda: F.cross_entropy(logits, t).backward()), logits
 
 
+@case("softmax_eql_cls_fused", "SoftmaxEQLLoss with the fused CPU kernel "
+      "(eqlosses.functional.enable_fused_cpu_kernel) vs cross_entropy, N=512, C=1000")
+def _softmax_cls_fused(device, quick):
+    """The one-pass C++ kernel, built on first use (about 30 s, then cached); CPU only. It
+    is enabled only inside the timed call, so the other cases keep the eager kernel."""
+    if not device.startswith("cpu"):
+        raise SystemExit("the softmax_eql_cls_fused case is CPU-only; leave it out on "
+                         f"{device} (--cases)")
+    from eqlosses.functional import fused
+
+    fused.enable_fused_cpu_kernel()  # build or load it here, outside the timing
+    fused.disable_fused_cpu_kernel()
+    n, c = (128, 200) if quick else (512, 1000)
+    logits = torch.randn(n, c, device=device, requires_grad=True)
+    t = _long_tail_targets(n, c, device)
+    crit = eqlosses.SoftmaxEQLLoss(c).to(device)
+
+    def ours():
+        fused.enable_fused_cpu_kernel()
+        try:
+            crit(logits, t).backward()
+        finally:
+            fused.disable_fused_cpu_kernel()
+
+    return ours, (lambda: F.cross_entropy(logits, t).backward()), logits
+
+
 @case("softmax_eql_seg", "SoftmaxEQLLoss vs cross_entropy, segmentation B=2, C=150, 128x128")
 def _softmax_seg(device, quick):
     b, c, h = (2, 150, 32) if quick else (2, 150, 128)

@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,19 @@ def golden():
         return dict(np.load(path))
 
     return load
+
+
+@pytest.fixture
+def fused_kernel():
+    """The fused CPU kernel (eqlosses.functional.fused) enabled for one test: built on first
+    use on a machine (about 30 s), then loaded from torch's extension cache."""
+    from eqlosses.functional import fused
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler: the fused CPU kernel cannot be built here")
+    fused.enable_fused_cpu_kernel()
+    yield fused
+    fused.disable_fused_cpu_kernel()
 
 
 @pytest.fixture(autouse=True)

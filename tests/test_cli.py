@@ -384,3 +384,33 @@ def test_train_prints_its_results_on_the_first_process_only(tmp_path, monkeypatc
         assert "RESULTS TABLE" in out and f"outputs in {tmp_path / 'r'}" in out
     else:
         assert out == ""
+
+
+def test_fused_kernel_that_cannot_be_built_is_one_clear_line(monkeypatch, capsys, tmp_path):
+    from eqlosses.functional import fused
+
+    def no_compiler(verbose):
+        raise OSError("c++: not found")
+
+    monkeypatch.setattr(fused, "_built", None)
+    monkeypatch.setattr(fused, "_build", no_compiler)
+    monkeypatch.setenv("EQLOSSES_FUSED_CPU", "1")
+    assert main(["train", "cls", *TINY, "--set", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "EQLOSSES_FUSED_CPU=1: eqlosses could not build its fused CPU kernel" in err
+    assert "Traceback" not in err and not fused.fused_cpu_kernel_enabled()
+
+
+@pytest.mark.slow
+def test_train_on_the_fused_kernel_from_the_environment(fused_kernel, monkeypatch, capsys,
+                                                        tmp_path):
+    served = []
+    real = fused_kernel.kernel_for
+    monkeypatch.setattr(fused_kernel, "kernel_for",
+                        lambda *a: served.append(real(*a) is not None) or real(*a))
+    fused_kernel.disable_fused_cpu_kernel()  # the environment turns it on
+    monkeypatch.setenv("EQLOSSES_FUSED_CPU", "1")
+    assert main(["train", "cls", *TINY, "--set", f"output_dir={tmp_path}", "--set",
+                 "loss.name=softmax_eql"]) == 0
+    assert "use the fused CPU kernel" in capsys.readouterr().err
+    assert served and all(served)  # every training step (and evaluation) on the kernel

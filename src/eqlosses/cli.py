@@ -414,11 +414,27 @@ def _interrupted(args) -> str:
     return text
 
 
+def _fused_kernel_from_environment() -> None:
+    """``EQLOSSES_FUSED_CPU=1``: the softmax losses run on the fused CPU kernel
+    (:mod:`eqlosses.functional.fused`); one that cannot be built is an error, not a silent
+    fallback."""
+    from .functional import fused
+
+    try:
+        if fused.enable_from_environment():
+            print("eqlosses: the softmax losses use the fused CPU kernel (EQLOSSES_FUSED_CPU=1)",
+                  file=sys.stderr)
+    except RuntimeError as err:
+        raise ValueError(f"EQLOSSES_FUSED_CPU=1: {err}") from err
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the exit status. Errors print one line and return 2
     (130 after Ctrl-C, once the checkpoint is saved)."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("train", "eval", "demo"):
+            _fused_kernel_from_environment()
         return args.func(args)
     except KeyboardInterrupt:
         print(f"\n{_interrupted(args)}", file=sys.stderr)

@@ -123,7 +123,16 @@ def test_efl_on_conv_layout_outputs_matches_reference(golden):
 
 
 def test_softmax_eql_matches_reference(golden):
-    g = golden("softmax-eql")
+    _check_softmax_eql(golden("softmax-eql"))
+
+
+@pytest.mark.slow
+def test_softmax_eql_with_the_fused_cpu_kernel_matches_reference(golden, fused_kernel):
+    """The same replay with the optional fused CPU kernel serving every step."""
+    _check_softmax_eql(golden("softmax-eql"))
+
+
+def _check_softmax_eql(g):
     assert int(g["hp_indicator_code"]) == 0  # indicator "pos"
     c = int(g["hp_num_classes"])
     crit = SoftmaxEQLLoss(c, tau=float(g["hp_tau"]), eps=float(g["hp_eps"]), indicator="pos")

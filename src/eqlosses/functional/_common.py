@@ -174,13 +174,22 @@ class _ClosedFormLoss(torch.autograd.Function):
         scale = ctx.scale
         if 0 < grad_out.dim() < grad.dim():  # per-row loss of a [N, C, *] input
             grad_out = grad_out.unsqueeze(1)
+        kept = _graph_kept()
+        if (row_weight is None and isinstance(scale, float) and scale == 1.0
+                and grad_out.dim() == 0 and grad_out.device.type == "cpu"
+                and grad_out.item() == 1.0):
+            # `loss.backward()` of a sum, or of a mean whose gradient came already divided
+            # (the fused kernel): the gradient is final. Reading grad_out costs nothing on the
+            # CPU; elsewhere it would wait for the device, so there the multiply stays.
+            g = grad.clone() if kept else grad
+            return g.to(ctx.logits_dtype), None, None, None, None
         factor = grad_out * scale
         if row_weight is not None:  # [N, *]: zero for ignored rows
             factor = factor * row_weight.unsqueeze(1)
         # `grad` belongs to this node alone: when the graph is freed after this backward, scale
         # it in place (no new logits-sized buffer: one allocation and its page faults fewer
         # per step); keep it intact for a graph that is kept (retain_graph=True).
-        g = grad * factor if _graph_kept() else grad.mul_(factor)
+        g = grad * factor if kept else grad.mul_(factor)
         return g.to(ctx.logits_dtype), None, None, None, None
 
 
@@ -226,6 +235,7 @@ def reduce_loss(
     reduction: str,
     normalizer: Union[float, torch.Tensor],
     row_weight: Optional[torch.Tensor] = None,
+    grad_reduced: bool = False,
 ) -> torch.Tensor:
     """The package's one reduction helper.
 
@@ -234,7 +244,8 @@ def reduce_loss(
     ``sum / normalizer`` (``"mean"``), the sum (``"sum"``) or ``elementwise`` (``"none"``),
     attached to the autograd graph of ``logits``. ``row_weight`` (``[N, *]``), if given,
     multiplies the gradient of each row (0 for ignored rows whose ``grad`` entries were left
-    unmasked).
+    unmasked). ``grad_reduced``: ``grad`` is already the gradient of the reduced loss (divided
+    by ``normalizer`` for a mean).
     """
     if reduction == "none":
         value, scale = elementwise, 1.0
@@ -243,7 +254,8 @@ def reduce_loss(
         value = elementwise.sum() * scale
     if grad is None:
         return value
-    return _ClosedFormLoss.apply(logits, value, grad, scale, row_weight)
+    return _ClosedFormLoss.apply(logits, value, grad, 1.0 if grad_reduced else scale,
+                                 row_weight)
 
 
 def needs_grad(logits: torch.Tensor) -> bool:

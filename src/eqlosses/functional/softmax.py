@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
+from . import fused
 from .sigmoid import _num_classes
 from .soft_targets import (_soft_adjusted_cross_entropy, check_probability_targets,
                            is_float_target)
@@ -54,8 +55,18 @@ def _adjusted_cross_entropy(
     ``all_valid`` (from :func:`check_targets`): a bool when validation read the targets; the
     kernel may then read one more value on the host (whether some ``p_t`` underflows, to skip
     the exact fallback). None: rows are masked and nothing is read on the host.
+    With the fused CPU kernel enabled (:mod:`eqlosses.functional.fused`), the calls it serves
+    go there instead.
     """
     need_grad = needs_grad(logits)
+    kernel = fused.kernel_for(logits, adjustment, return_grad)
+    if kernel is not None:
+        elem, grad, pos_inc, neg_inc, count = kernel.adjusted_cross_entropy(
+            logits.detach(), None if adjustment is None else adjustment.to(logits.dtype),
+            targets.contiguous(), ignore_index, reduction == "mean", want_stats, need_grad)
+        normalizer = max(targets.numel(), 1) if all_valid else count
+        loss = reduce_loss(logits, elem, grad, reduction, normalizer, grad_reduced=True)
+        return _Result(loss, pos_inc, neg_inc, scale_of(reduction, normalizer), None)
     # The op count matters as much as the passes over [N, C] here (each eager op costs a few
     # microseconds of dispatch): `valid` only when some row may be ignored, one unsqueezed
     # index for every gather and scatter, scalar scatters.

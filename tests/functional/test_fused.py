@@ -1,0 +1,238 @@
+"""The optional fused CPU kernel (eqlosses.functional.fused) against the eager kernel.
+
+The kernel is C++ built on first use (about 30 s on the development machine, then cached), so
+the tests that need it are marked slow and skip without a C++ compiler; the switch's own
+behaviour (errors, the environment variable) is tested without building anything.
+"""
+
+import math
+
+import pytest
+import torch
+
+from eqlosses import SoftmaxEQLLoss
+from eqlosses.functional import (cross_entropy_gradients, fused, fused_cpu_kernel_enabled,
+                                 softmax_eql_loss)
+from eqlosses.functional.softmax import _adjusted_cross_entropy
+from tests.losses.test_hot_path import CASES, _batch, _step
+
+# the 2-D softmax losses whose adjustment is a [C] vector; EQL's softmax form (entries
+# dropped per row) and Seesaw (a per-row adjustment of column slices) keep the eager kernel
+SOFTMAX_ROWS = ["softmax_eql", "softmax_eql_x", "balanced_softmax", "ce", "ce_tracked",
+                "ce_bg_tracked"]
+
+
+def _tolerances(dtype):
+    return ({"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64
+            else {"rtol": 1e-5, "atol": 1e-6})
+
+
+def _spy(monkeypatch):
+    """Count the calls the fused kernel serves."""
+    calls = []
+    real = fused.kernel_for
+
+    def spy(*args):
+        kernel = real(*args)
+        calls.append(kernel is not None)
+        return kernel
+
+    monkeypatch.setattr(fused, "kernel_for", spy)
+    return calls
+
+
+def _both(fn):
+    """fn() with the eager kernel, then with the fused one (left enabled as found)."""
+    fused.disable_fused_cpu_kernel()
+    eager = fn()
+    fused.enable_fused_cpu_kernel()
+    return eager, fn()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("ignored", ["none", "some", "all"])
+def test_loss_and_gradient_equal_the_eager_kernel(fused_kernel, dtype, reduction, validate,
+                                                  ignored):
+    torch.set_num_threads(2)  # several chunks of rows, each with its own accumulators
+    g = torch.Generator().manual_seed(1)
+    z = (torch.randn(300, 37, generator=g, dtype=dtype) * 4)
+    t = torch.randint(0, 37, (300,), generator=g)
+    if ignored == "some":
+        t[::7] = -100
+    elif ignored == "all":
+        t[:] = -100
+    indicator = torch.rand(37, generator=g, dtype=torch.float64) ** 4  # margins up to ~37 nats
+
+    def run():
+        x = z.clone().requires_grad_()
+        loss = softmax_eql_loss(x, t, indicator, tau=2.0, reduction=reduction, validate=validate)
+        loss.sum().backward()
+        return loss.detach(), x.grad
+
+    eager, fast = _both(run)
+    torch.testing.assert_close(fast, eager, **_tolerances(dtype))
+    if ignored == "all":
+        assert fast[1].abs().sum() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SOFTMAX_ROWS)
+@pytest.mark.parametrize("validate", [True, False])
+def test_every_softmax_loss_trains_as_with_the_eager_kernel(fused_kernel, monkeypatch, name,
+                                                            validate):
+    """Two training steps of each 2-D softmax loss (some rows ignored in the first): loss,
+    gradient and the whole state (statistics, counts) as with the eager kernel."""
+    calls = _spy(monkeypatch)
+
+    def run():
+        crit = CASES[name][0](validate=validate).train()
+        out = []
+        for step in range(2):
+            z, t, kwargs = _batch(name, seed=step, ignored=step == 0)
+            torch.manual_seed(step)
+            loss = _step(crit, z, t, kwargs)
+            out.append((loss.detach(), z.grad))
+        return out, crit.state_dict()
+
+    eager, fast = _both(run)
+    assert any(calls)  # the kernel served this loss
+    torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_statistics_over_a_long_tailed_stream_equal_the_eager_kernel(fused_kernel):
+    """Twenty steps of Softmax-EQL on long-tailed labels (classes not yet seen sit at the eps
+    clamp, so some target probabilities underflow: the eager kernel's exact fallback)."""
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(0)
+    c = 200
+    weights = torch.arange(1, c + 1, dtype=torch.float64) ** -1.5
+    batches = [(torch.randn(128, c, generator=g) * 3,
+                torch.multinomial(weights, 128, replacement=True, generator=g))
+               for _ in range(20)]
+
+    def run():
+        crit = SoftmaxEQLLoss(c, tau=2.0).train()
+        losses = []
+        for z, t in batches:
+            x = z.clone().requires_grad_()
+            loss = crit(x, t)
+            loss.backward()
+            losses.append((loss.detach(), x.grad))
+        return losses, crit.state_dict()
+
+    eager, fast = _both(run)
+    torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(fast[1]["stats.pos_grad"]).all()
+
+
+@pytest.mark.slow
+def test_extreme_logits_as_the_eager_kernel(fused_kernel):
+    """Margins of thousands of nats (the target probability underflows: the loss is still
+    exact), infinite and NaN logits (NaN rows, as in eager; the statistics skip the step)."""
+    z = torch.zeros(6, 5, dtype=torch.float64)
+    z[0, 1] = 1e4                 # target 0 has p_t = 0 in floating point: loss 1e4
+    z[1, 2] = -1e4                # target 2: loss 1e4 + log 4
+    z[2, 3] = float("-inf")       # a masked class
+    z[3, 0] = float("inf")
+    z[4, 4] = float("nan")
+    t = torch.tensor([0, 2, 1, 1, 0, 3])
+
+    def run():
+        x = z.clone().requires_grad_()
+        loss = softmax_eql_loss(x, t, torch.ones(5), reduction="none")
+        loss.sum().backward()
+        return loss.detach(), x.grad
+
+    eager, fast = _both(run)
+    torch.testing.assert_close(fast, eager, equal_nan=True)
+    assert fast[0][0] == pytest.approx(1e4) and fast[0][1] == pytest.approx(1e4 + math.log(4))
+
+    def stats():
+        crit = SoftmaxEQLLoss(5).train()
+        with pytest.warns(RuntimeWarning, match="non-finite"):
+            crit(z.clone().requires_grad_(), t)
+        return crit.state_dict()
+
+    eager, fast = _both(stats)
+    torch.testing.assert_close(fast, eager)
+    assert int(fast["stats.num_skipped"]) == 1
+
+
+@pytest.mark.slow
+def test_the_kernel_serves_only_the_calls_it_can(fused_kernel, monkeypatch):
+    calls = _spy(monkeypatch)
+    t = torch.tensor([0, 2, 1])
+    ind = torch.ones(4)
+    softmax_eql_loss(torch.randn(3, 4), t, ind)
+    assert calls == [True]
+    calls.clear()
+    softmax_eql_loss(torch.randn(3, 4, dtype=torch.float16), t, ind)   # half precision
+    softmax_eql_loss(torch.randn(4, 3).t(), t, ind)                     # not contiguous
+    softmax_eql_loss(torch.randn(3, 4, 2, 2), torch.zeros(3, 2, 2, dtype=torch.long), ind)
+    _adjusted_cross_entropy(torch.randn(3, 4), t, None, -100, "mean", False,  # (Seesaw's)
+                            return_grad=True)
+    assert calls == [False] * 4
+    cross_entropy_gradients(torch.randn(3, 4), t)  # statistics only: served
+    assert calls[-1] is True
+    fused.disable_fused_cpu_kernel()
+    softmax_eql_loss(torch.randn(3, 4), t, ind)
+    assert calls[-1] is False
+
+
+@pytest.mark.slow
+def test_backward_with_a_kept_graph_and_a_scaled_loss(fused_kernel):
+    z = torch.randn(8, 5, requires_grad=True)
+    t = torch.randint(0, 5, (8,))
+    loss = softmax_eql_loss(z, t, torch.ones(5))
+    loss.backward(retain_graph=True)
+    once = z.grad.clone()
+    loss.backward()  # the kept graph still holds the gradient intact
+    torch.testing.assert_close(z.grad, 2 * once)
+    z.grad = None
+    (3 * softmax_eql_loss(z, t, torch.ones(5))).backward()
+    torch.testing.assert_close(z.grad, 3 * once)
+
+
+@pytest.mark.slow
+def test_out_of_range_target_without_validation_is_an_error(fused_kernel):
+    with pytest.raises(RuntimeError, match="target 5 of row 1 is not a class"):
+        softmax_eql_loss(torch.randn(3, 5), torch.tensor([0, 5, 1]), torch.ones(5),
+                         validate=False)
+
+
+@pytest.mark.slow
+def test_one_graph_under_torch_compile_with_the_kernel_enabled(fused_kernel):
+    """While dynamo traces, the loss takes the eager kernel (the fused one is opaque to it):
+    still one graph, with the results of the fused kernel run eagerly."""
+    from tests.losses.test_hot_path import _compile_and_compare
+
+    _compile_and_compare("softmax_eql", "aot_eager")
+
+
+def test_a_failed_build_says_why_and_keeps_the_eager_kernel(monkeypatch):
+    def no_compiler(verbose):
+        raise OSError("c++: not found")
+
+    monkeypatch.setattr(fused, "_built", None)
+    monkeypatch.setattr(fused, "_kernel", None)
+    monkeypatch.setattr(fused, "_build", no_compiler)
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler.*OSError: c\\+\\+: not found"):
+        fused.enable_fused_cpu_kernel()
+    assert not fused_cpu_kernel_enabled()
+
+
+def test_environment_switch(monkeypatch):
+    enabled = []
+    monkeypatch.setattr(fused, "enable_fused_cpu_kernel", lambda: enabled.append(True))
+    monkeypatch.setenv("EQLOSSES_FUSED_CPU", "yes")
+    with pytest.raises(ValueError, match="EQLOSSES_FUSED_CPU must be 0 or 1, got 'yes'"):
+        fused.enable_from_environment()
+    monkeypatch.setenv("EQLOSSES_FUSED_CPU", "0")
+    fused.enable_from_environment()
+    monkeypatch.setenv("EQLOSSES_FUSED_CPU", "1")
+    fused.enable_from_environment()
+    assert enabled == [True]
