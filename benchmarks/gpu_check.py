@@ -1,6 +1,7 @@
 """GPU check in one run (under 5 minutes on one GPU): speed, mixed precision, host syncs, NCCL.
 
-1. ``speed``: the loss/baseline time ratios of ``bench_losses.py`` (every case) on the device.
+1. ``speed``: the loss/baseline time ratios of ``bench_losses.py`` (every case that runs on
+   the device) on the device.
 2. ``amp``: the gradient statistics after a few steps of a small model trained with fp16
    autocast and a ``GradScaler`` equal those of the same steps in fp32 within 1e-3 (relative
    to the largest statistic); on the CPU bf16 autocast is used (tolerance 1e-2).
@@ -43,6 +44,8 @@ Row = Dict[str, Any]
 def check_speed(device: str, quick: bool, repeats: int) -> List[Row]:
     rows = []
     for name, (description, _) in bench_losses.CASES.items():
+        if name in bench_losses.CPU_ONLY and not device.startswith("cpu"):
+            continue
         ours, base, ratio, best = bench_losses.time_case(name, device, quick, repeats)
         rows.append({"check": f"speed {name}", "ok": True,
                      "value": f"{ratio:.2f}x, best-of {best:.2f}x ({ours * 1e3:.2f} / "

@@ -89,3 +89,25 @@ def test_beyond_det_chooses_on_dev_and_reads_the_test_canvases_for_final_setting
     assert (tmp_path / "runs" / "bce-s0" / "test_metrics.json").is_file()
     assert not (tmp_path / "runs" / "eqlv2_a0-s0" / "test_metrics.json").exists()
     assert "| eqlv2_a0 | 0 |" in (tmp_path / "ratios.md").read_text()
+
+
+def test_gpu_check_leaves_the_cpu_only_cases_out_on_a_gpu(monkeypatch):
+    """The fused CPU kernel's case would refuse CUDA: gpu_check's speed check skips it
+    there (and keeps it on the CPU)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_losses
+        import gpu_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    timed = []
+    monkeypatch.setattr(bench_losses, "time_case",
+                        lambda name, *args: timed.append(name) or (1.0, 1.0, 1.0, 1.0))
+    gpu_check.check_speed("cuda", True, 1)
+    assert timed and "softmax_eql_cls_fused" not in timed
+    assert set(timed) | bench_losses.CPU_ONLY == set(bench_losses.CASES)
+    timed.clear()
+    gpu_check.check_speed("cpu", True, 1)
+    assert set(timed) == set(bench_losses.CASES)
+    with pytest.raises(ValueError, match="CPU-only"):
+        bench_losses.CASES["softmax_eql_cls_fused"][1]("cuda", True)

@@ -236,3 +236,43 @@ def test_environment_switch(monkeypatch):
     monkeypatch.setenv("EQLOSSES_FUSED_CPU", "1")
     fused.enable_from_environment()
     assert enabled == [True]
+
+
+@pytest.mark.slow
+def test_hostile_inputs_as_the_eager_kernel(fused_kernel):
+    """Random shapes (empty, one row, one class), dtypes, ignore patterns, logit scales up to
+    1e4 and sprinkled infinities and NaNs: loss and gradient as with the eager kernel (NaN
+    where it has NaN), for each reduction; the eager kernel is the property tests' subject."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.given(n=st.integers(0, 40), c=st.integers(1, 20),
+                      dtype=st.sampled_from([torch.float32, torch.float64]),
+                      ignore=st.sampled_from(["none", "some", "all"]),
+                      scale=st.sampled_from([1.0, 30.0, 1e4]),
+                      special=st.sampled_from([None, float("inf"), float("-inf"), float("nan")]),
+                      reduction=st.sampled_from(["mean", "sum", "none"]),
+                      validate=st.booleans(), seed=st.integers(0, 2**16))
+    @hypothesis.settings(max_examples=60, deadline=None, derandomize=True, database=None)
+    def check(n, c, dtype, ignore, scale, special, reduction, validate, seed):
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, c, generator=g, dtype=dtype) * scale
+        if special is not None and n:
+            z.view(-1)[torch.randint(0, n * c, (max(1, n // 4),), generator=g)] = special
+        t = torch.randint(0, c, (n,), generator=g)
+        if ignore == "some":
+            t[::3] = -100
+        elif ignore == "all":
+            t[:] = -100
+        indicator = torch.rand(c, generator=g, dtype=torch.float64)
+
+        def run():
+            x = z.clone().requires_grad_()
+            loss = softmax_eql_loss(x, t, indicator, reduction=reduction, validate=validate)
+            loss.sum().backward()
+            return loss.detach(), x.grad
+
+        eager, fast = _both(run)
+        torch.testing.assert_close(fast, eager, equal_nan=True, **_tolerances(dtype))
+
+    check()
