@@ -69,6 +69,9 @@ SETTINGS: Dict[str, tuple] = {
                  "predicted class mass, tau 1.5"),
     "mass_ema": ("softmax_eql_x", {"indicator": "mass", "decay": 0.99},
                  "predicted class mass, decaying average (0.99/step), tau 1"),
+    "mass_rec1": ("softmax_eql_x", {"indicator": "mass", "recency": 1.0},
+                  "predicted class mass, update t weighted by t (forgets the first steps), "
+                  "tau 1"),
     "mass_g01": ("softmax_eql_x", {"indicator": "mass", "gamma": 0.1},
                  "predicted class mass, tau 1, logits scaled by (M_j / max M)^0.1"),
     "mass_g02": ("softmax_eql_x", {"indicator": "mass", "gamma": 0.2},

@@ -74,6 +74,25 @@ def test_decaying_sums_and_ratio_indicator():
     assert {"avg_pos", "avg_neg"} <= set(crit.state_dict())
 
 
+def test_recency_weights_the_sums_the_indicator_is_read_from():
+    """recency=1: the pos/neg sums the margins come from weight update t by t; the
+    statistics themselves stay the plain cumulative sums; recency=0 is the default loss."""
+    crit = SoftmaxEQLVariantLoss(5, source="raw", recency=1.0)
+    plain = SoftmaxEQLVariantLoss(5, source="raw", recency=0.0)
+    ref = SoftmaxEQLVariantLoss(5, source="raw")
+    s_pos = torch.zeros(5, dtype=torch.float64)
+    for t, (logits, targets) in enumerate(_batches(), start=1):
+        before = crit.stats.pos_grad.clone()
+        _step(crit, logits, targets)
+        s_pos = s_pos + t * (crit.stats.pos_grad - before)
+        torch.testing.assert_close(_step(plain, logits, targets), _step(ref, logits, targets),
+                                   rtol=0, atol=0)
+    torch.testing.assert_close(crit.avg_pos, s_pos)
+    torch.testing.assert_close(crit.indicator_values(), s_pos)
+    assert "avg_pos" not in plain.state_dict()
+    assert not torch.allclose(crit.indicator_values(), ref.indicator_values())
+
+
 @pytest.mark.parametrize("indicator", ["pos", "mass"])
 def test_a_skipped_step_neither_adds_to_nor_decays_the_loss_sums(indicator):
     crit = SoftmaxEQLVariantLoss(5, source="raw", indicator=indicator, decay=0.5)
@@ -139,22 +158,27 @@ def test_segmentation_logits_and_ignored_pixels():
 
 @pytest.mark.parametrize("source", ["adjusted", "raw"])
 @pytest.mark.parametrize("decay", [1.0, 0.9])
-def test_mass_indicator_is_the_summed_predicted_probability(source, decay):
+@pytest.mark.parametrize("recency", [0.0, 1.0, 0.5])
+def test_mass_indicator_is_the_summed_predicted_probability(source, decay, recency):
     """indicator="mass": M_j accumulates sum_n softmax(.)_nj / N over the non-ignored rows
     (of the adjusted logits at the margins in force, or of the raw ones), summed directly
-    here, and sets the margins log M_j."""
-    crit = SoftmaxEQLVariantLoss(5, indicator="mass", source=source, decay=decay)
+    here (update t weighted by t ** recency), and sets the margins log M_j."""
+    crit = SoftmaxEQLVariantLoss(5, indicator="mass", source=source, decay=decay,
+                                 recency=recency)
     mass = torch.zeros(5, dtype=torch.float64)
     for step, (logits, targets) in enumerate(_batches()):
         targets = targets.clone()
         targets[: step % 3] = -100  # some steps with ignored rows
         margin = crit.class_terms()["margin"]
-        torch.testing.assert_close(margin, torch.log(mass.clamp(min=1e-4)))
+        # float32 softmax against this float64 sum, the weights (up to 6) scaling its rounding
+        tol = {"rtol": 1e-5, "atol": 1e-6} if recency else {}
+        torch.testing.assert_close(margin, torch.log(mass.clamp(min=1e-4)), **tol)
         _step(crit, logits, targets)
         z = logits.double() + (margin if source == "adjusted" else 0)
         keep = targets != -100
-        mass = decay * mass + torch.softmax(z[keep], 1).sum(0) / int(keep.sum())
-        torch.testing.assert_close(crit.mass, mass)
+        mass = (decay * mass
+                + (step + 1) ** recency * torch.softmax(z[keep], 1).sum(0) / int(keep.sum()))
+        torch.testing.assert_close(crit.mass, mass, **tol)
     assert int(crit.stats.num_updates) == 6
     assert "mass" in crit.state_dict()
 

@@ -62,6 +62,12 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
       sums ``S_t = decay * S_{t-1} + inc_t`` (buffers ``avg_pos``, ``avg_neg``, ``mass``), which forget
       the early steps (``decay=0.99``: a horizon of about 100 steps). ``self.stats`` keeps the
       cumulative sums in either case (monitoring, checkpoints).
+    * ``recency``: 0 (default) weighs every step alike; above 0, the increments of update t
+      (1-based) are weighted by ``t ** recency`` in the sums ``I`` is read from (the same
+      buffers as for ``decay``): with 1, the first tenth of training carries a hundredth of
+      the weight instead of a tenth, so the indicator forgets the near-uniform predictions
+      of the first steps faster while still averaging over the whole run (unlike ``decay``,
+      whose horizon stays short). A common factor of ``I`` cancels in the softmax.
     * ``tau_warmup``: ``tau_t = tau * min(1, updates / tau_warmup)`` (0: constant ``tau``).
     * ``gamma``: 0 (default) leaves the logits as they are; above 0 they are also scaled per
       class before the margins are added, ``z~_nj = s_j z_nj + tau_t log max(I_j, eps)`` with
@@ -95,29 +101,39 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
                 "tau_warmup": Param(int, low=0, doc="steps over which tau ramps up from 0"),
                 "gamma": Param(float, low=0,
                                doc="per-class logit scale (I_j / max I)^gamma; 0: none"),
+                "recency": Param(float, low=0,
+                                 doc="weight t**recency for the increments of update t"),
                 "reduction": REDUCTION},
         pixels="native", gradient_statistics=True)
 
     def __init__(self, num_classes: int, tau: float = 1.0, eps: float = 1e-4,
                  indicator: str = "pos", source: str = "adjusted", decay: float = 1.0,
-                 tau_warmup: int = 0, gamma: float = 0.0, ignore_index: int = -100,
+                 tau_warmup: int = 0, gamma: float = 0.0, recency: float = 0.0,
+                 ignore_index: int = -100,
                  reduction: str = "mean",
                  stats: Optional[GradientStatistics] = None, *, validate: bool = True):
         super().__init__(num_classes, ignore_index, reduction, stats, validate=validate)
         self._set_hparams(tau=tau, eps=eps, indicator=indicator, source=source,
-                          decay=decay, tau_warmup=tau_warmup, gamma=gamma)
+                          decay=decay, tau_warmup=tau_warmup, gamma=gamma, recency=recency)
         self.num_channels = num_classes
-        if self.decay < 1:
+        if self._own_sums():
             self.register_buffer("avg_pos", torch.zeros(num_classes, dtype=torch.float64))
             self.register_buffer("avg_neg", torch.zeros(num_classes, dtype=torch.float64))
         if self.indicator == "mass":
             self.register_buffer("mass", torch.zeros(num_classes, dtype=torch.float64))
 
+    def _own_sums(self) -> bool:
+        """Whether the loss keeps its own (decaying or weighted) sums of ``pos`` and ``neg``
+        (``avg_pos``, ``avg_neg``), which ``I`` is then read from (except for ``mass``,
+        which has its own buffer)."""
+        return self.decay < 1 or (self.recency > 0 and self.indicator != "mass")
+
     def indicator_values(self) -> torch.Tensor:
-        """``[C]`` the indicator ``I`` in force (from the cumulative or decaying sums)."""
+        """``[C]`` the indicator ``I`` in force (from the cumulative, decaying or weighted
+        sums)."""
         if self.indicator == "mass":
             return self.mass
-        if self.decay < 1:
+        if self._own_sums():
             return eql_indicator(self.avg_pos, self.avg_neg, self.indicator)
         return eql_indicator(self.stats.pos_grad, self.stats.neg_grad, self.indicator)
 
@@ -167,7 +183,7 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
             # the loss's own per-class sums ride in the statistics' one all-reduce and come
             # back summed over the processes, zeroed if the step is skipped
             sums = []  # (buffer, this step's increment)
-            if self.decay < 1:
+            if self._own_sums():
                 sums += [(self.avg_pos, pos), (self.avg_neg, neg)]
             if self.indicator == "mass":
                 counts = _valid_counts(targets, self.ignore_index, self.reduction,
@@ -178,6 +194,9 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
             applied = self.stats.update(pos, neg, warn=self.validate, extra=extra)
             if sums:
                 with torch.no_grad():  # a skipped step does not decay either
+                    if self.recency:  # t ** recency, t this update's 1-based number
+                        extra = extra * (self.stats.num_updates.to(extra.dtype)
+                                         .pow(self.recency))
                     for (buf, _), inc in zip(sums, extra):
                         buf.copy_(torch.where(applied, self.decay * buf + inc, buf))
         return res.loss
