@@ -1,10 +1,10 @@
 """An optional fused CPU kernel for the softmax losses, built on demand.
 
-Every softmax loss of the package (Softmax-EQL and its variants, balanced softmax, EQL's
-softmax form) is cross-entropy over additively adjusted logits, ``CE(z + a, y)``, computed by
-one eager kernel of about 25 torch operations and 4 passes over the logits. On a CPU, where
-a small batch costs little compute, those passes and the dispatch of each operation decide
-the speed. The fused kernel does the same work in one pass over the logits: per row, the
+The softmax losses of the package are cross-entropy over additively adjusted logits,
+``CE(z + a, y)``, computed by one eager kernel of about 23 torch operations and several
+passes over the logits (the adjustment, the softmax, the per-class sums, the gradient's
+scaling in backward). On a CPU, where a small batch costs little compute, those passes and
+the dispatch of each operation decide the speed. The fused kernel does the same work in one pass over the logits: per row, the
 maximum, the exponentials and their sum, the loss ``log s + m - z~_t``, the gradient
 ``scale * (softmax(z~) - y)`` (already divided by the number of rows for a mean, so that the
 backward pass only hands it over) and the per-class statistics ``sum (1 - p_t)`` (positives)
@@ -23,11 +23,12 @@ off unless enabled::
     EF.fused_cpu_kernel_enabled()         # True
     EF.disable_fused_cpu_kernel()
 
-or ``EQLOSSES_FUSED_CPU=1`` in the environment of ``eqlosses train``/``eval``. Once enabled it
-serves calls on CPU logits ``[N, C]`` of dtype float32 or float64, contiguous, with class-index
-targets and a ``[C]`` adjustment (or none); everything else (pixels ``[N, C, H, W]``, half
-precision, probability targets, Seesaw's per-row adjustment, CUDA, code being traced by
-``torch.compile``) takes the eager kernel as before. Measured in
+or ``EQLOSSES_FUSED_CPU=1`` in the environment of ``eqlosses train``/``eval``/``demo``. Once
+enabled it serves calls on CPU logits ``[N, C]`` of dtype float32 or float64, contiguous, with
+class-index targets and a ``[C]`` adjustment (or none): Softmax-EQL and its variants, balanced
+softmax, cross-entropy. Everything else (pixels ``[N, C, H, W]``, half precision, probability
+targets, EQL's softmax form and Seesaw with their per-row adjustments, CUDA, code being traced
+by ``torch.compile``) takes the eager kernel as before. Measured in
 ``benchmarks/bench_losses.py`` (case ``softmax_eql_cls_fused``) and docs/speed.md.
 """
 
@@ -75,7 +76,7 @@ def enable_fused_cpu_kernel(verbose: bool = False) -> None:
     """Build (first time on a machine) or load the fused kernel and use it from now on.
 
     Raises ``RuntimeError`` saying why when it cannot be built (no C++ compiler, no Python
-    headers, ...); the eager kernel then stays in use. ``verbose`` shows the compiler's output.
+    headers, no ninja, ...); the eager kernel then stays in use. ``verbose`` shows the compiler's output.
     """
     global _kernel, _built
     if _built is None:
@@ -84,8 +85,9 @@ def enable_fused_cpu_kernel(verbose: bool = False) -> None:
         except Exception as exc:  # a compiler or loader error of any kind
             raise RuntimeError(
                 "eqlosses could not build its fused CPU kernel (it needs a C++ compiler with "
-                "OpenMP, e.g. g++, and the Python development headers); the eager kernel "
-                f"stays in use. The build said: {type(exc).__name__}: {exc}") from exc
+                "OpenMP, e.g. g++, the Python development headers and ninja: pip install "
+                "'eqlosses[fused]'); the eager kernel stays in use. The build said: "
+                f"{type(exc).__name__}: {exc}") from exc
     _kernel = _built
 
 
