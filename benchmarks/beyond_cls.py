@@ -234,15 +234,16 @@ def cmd_report(args) -> int:
 
 
 def cmd_paired(args) -> int:
-    """Two settings seed by seed, on the validation split and the test set, and their paired
-    differences (``paired_A_B.md``)."""
+    """Two settings seed by seed, on the validation split and (unless ``--splits
+    validation``: a setting being screened must not see the test set) the test set, and their
+    paired differences (``paired_A_B.md``)."""
     torch.set_num_threads(1)
     a, b = args.tags
     rows, summary = [], []
     for imbalance in args.imbalance:
         runs_a, runs_b = _runs(imbalance, a), _runs(imbalance, b)
         for seed in sorted(set(runs_a) & set(runs_b)):
-            for split in ("validation", "test"):
+            for split in args.splits:
                 read = test_metrics if split == "test" else val_metrics
                 ma, mb = read(runs_a[seed]), read(runs_b[seed])
                 # the tail group: few-shot where there is one (imbalance 100), else medium
@@ -252,12 +253,17 @@ def cmd_paired(args) -> int:
                     rows.append(f"| {imbalance:g} | {split} | {seed} | {group} | {va:.2f} | "
                                 f"{vb:.2f} | {va - vb:+.2f} |")
                     summary.append((imbalance, split, group, va, vb))
+    command = f"python benchmarks/beyond_cls.py paired --tags {a} {b}"
+    if tuple(args.splits) != ("validation", "test"):
+        command += " --splits " + " ".join(args.splits)
+    if args.imbalance != [100.0, 10.0]:
+        command += " --imbalance " + " ".join(f"{i:g}" for i in args.imbalance)
     lines = [f"`{a}` against `{b}`, paired by training seed; accuracy (%); difference = "
-             f"{a} - {b}. " + f"`python benchmarks/beyond_cls.py paired --tags {a} {b}`", "",
+             f"{a} - {b}. `{command}`", "",
              f"| imbalance | split | seeds | group | {a} | {b} | difference, mean ± std | "
              f"seeds with {a} >= {b} |", "|---|---|---|---|---|---|---|---|"]
     for imbalance in args.imbalance:
-        for split in ("validation", "test"):
+        for split in args.splits:
             for group in ("overall", "few", "medium"):
                 got = [(va, vb) for i, sp, g, va, vb in summary
                        if (i, sp, g) == (imbalance, split, group)]
@@ -274,6 +280,43 @@ def cmd_paired(args) -> int:
               "|---|---|---|---|---|---|---|"] + rows
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"paired_{a}_{b}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_lag(args) -> int:
+    """For each setting, at the given training steps: the largest distance over the classes
+    between its margins and balanced softmax's, ``max_j |(a_j - a_head) - log(n_j /
+    n_head)|`` in nats (0: the margins of balanced softmax), read off each run's ``stats.bin``
+    (the nearest logged step), as mean and range over the seeds."""
+    import numpy as np
+
+    from eqlosses.monitor.recorder import read_stats
+
+    lines = ["Largest |margin - balanced softmax's| over the classes (nats), mean (min-max) "
+             "over the seeds; `python benchmarks/beyond_cls.py lag --imbalance "
+             + " ".join(f"{i:g}" for i in args.imbalance) + " --tags " + " ".join(args.tags)
+             + " --steps " + " ".join(map(str, args.steps)) + "`", "",
+             "| imbalance | setting | seeds | " + " | ".join(f"step {s}" for s in args.steps)
+             + " |", "|---|---|---|" + "---|" * len(args.steps)]
+    for imbalance in args.imbalance:
+        for tag in args.tags:
+            runs = _runs(imbalance, tag)
+            if not runs:
+                continue
+            per_seed = []
+            for run in runs.values():
+                counts = np.asarray(json.loads((run / "metrics.json").read_text())
+                                    ["train_counts"], dtype=float)
+                h = read_stats(run, fields=["terms"])
+                margin = np.asarray(h.terms["margin"], dtype=float)
+                gap = np.abs((margin - margin[:, :1]) - np.log(counts / counts[0])).max(axis=1)
+                steps = np.asarray(h.steps)
+                per_seed.append([gap[int(np.abs(steps - s).argmin())] for s in args.steps])
+            cells = [f"{np.mean(col):.3f} ({min(col):.3f}-{max(col):.3f})"
+                     for col in zip(*per_seed)]
+            lines.append(f"| {imbalance:g} | {tag} | {','.join(map(str, sorted(runs)))} | "
+                         + " | ".join(cells) + " |")
     print("\n".join(lines))
     return 0
 
@@ -356,7 +399,17 @@ def main(argv=None) -> int:
     p = sub.add_parser("paired", help="two settings seed by seed (validation and test)")
     p.add_argument("--imbalance", type=float, nargs="+", default=[100.0, 10.0])
     p.add_argument("--tags", nargs=2, default=["mass", "bs"], choices=list(SETTINGS))
+    p.add_argument("--splits", nargs="+", default=["validation", "test"],
+                   choices=["validation", "test"],
+                   help="validation only while a setting is screened (the test set is read "
+                        "for final settings only)")
     p.set_defaults(func=cmd_paired)
+    p = sub.add_parser("lag", help="how far each setting's margins are from balanced "
+                                   "softmax's over training")
+    p.add_argument("--imbalance", type=float, nargs="+", default=[10.0])
+    p.add_argument("--tags", nargs="+", default=["mass"], choices=list(SETTINGS))
+    p.add_argument("--steps", type=int, nargs="+", default=[20, 100, 300, 1000, 3000])
+    p.set_defaults(func=cmd_lag)
     args = parser.parse_args(argv)
     return args.func(args)
 
