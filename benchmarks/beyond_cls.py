@@ -14,8 +14,11 @@ the final settings (``FINAL``), once per run, from its checkpoint (``test_metric
     # tables and plots (evaluates the FINAL settings' checkpoints on the test set once);
     # --docs also writes the tables into README.md and docs/beyond-the-paper.md
     python benchmarks/beyond_cls.py report --docs
-    # two settings seed by seed (validation and test), and their paired differences
+    # two settings seed by seed (validation and test), and their paired differences;
+    # --splits validation while a setting is still being screened
     python benchmarks/beyond_cls.py paired --tags mass bs
+    # how far the margins are from balanced softmax's over training (from stats.bin)
+    python benchmarks/beyond_cls.py lag --imbalance 10 --tags mass mass_rec1
 
 The runs are not committed: ``report`` keeps the committed rows (and plots) of the settings
 whose runs this checkout lacks, and recomputes the others.
