@@ -288,8 +288,8 @@ def cmd_paired(args) -> int:
 
 
 def cmd_lag(args) -> int:
-    """For each setting, at the given training steps: the largest distance over the classes
-    between its margins and balanced softmax's, ``max_j |(a_j - a_head) - log(n_j /
+    """For each setting, at the given training steps (``lag.md``): the largest distance over
+    the classes between its margins and balanced softmax's, ``max_j |(a_j - a_head) - log(n_j /
     n_head)|`` in nats (0: the margins of balanced softmax), read off each run's ``stats.bin``
     (the nearest logged step), as mean and range over the seeds."""
     import numpy as np
@@ -320,6 +320,8 @@ def cmd_lag(args) -> int:
                      for col in zip(*per_seed)]
             lines.append(f"| {imbalance:g} | {tag} | {','.join(map(str, sorted(runs)))} | "
                          + " | ".join(cells) + " |")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "lag.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -111,3 +111,50 @@ def test_gpu_check_leaves_the_cpu_only_cases_out_on_a_gpu(monkeypatch):
     assert set(timed) == set(bench_losses.CASES)
     with pytest.raises(ValueError, match="CPU-only"):
         bench_losses.CASES["softmax_eql_cls_fused"][1]("cuda", True)
+
+
+@pytest.mark.slow
+def test_beyond_cls_screening_reads_validation_only_and_lag_reads_the_margins(tmp_path,
+                                                                              monkeypatch):
+    """benchmarks/beyond_cls.py on 1-epoch runs of real Fashion-MNIST-LT: `paired --splits
+    validation` (a setting being screened) leaves the test set unread; `paired` reads it once
+    per run; `lag` finds balanced softmax's margins at exactly the log prior and the mass
+    indicator's away from it."""
+    from eqlosses.data.idx import find_fashion_mnist
+
+    try:
+        find_fashion_mnist(None)
+    except FileNotFoundError:
+        pytest.skip("the Fashion-MNIST IDX files are not installed")
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import beyond_cls
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    monkeypatch.setattr(beyond_cls, "OUT", tmp_path)
+    real = beyond_cls.config_for
+
+    def small(tag, imbalance, seed, epochs=1):
+        cfg = real(tag, imbalance, seed, epochs=1)
+        cfg.data.n_max, cfg.data.val_per_class, cfg.model.width = 100, 20, 4
+        return cfg
+
+    monkeypatch.setattr(beyond_cls, "config_for", small)
+    assert beyond_cls.main(["train", "--imbalance", "10", "--seeds", "0", "1",
+                            "--tags", "bs", "mass"]) == 0
+    runs = tmp_path / "runs"
+    assert beyond_cls.main(["paired", "--tags", "mass", "bs", "--imbalance", "10",
+                            "--splits", "validation"]) == 0
+    assert not list(runs.glob("*/test_metrics.json"))
+    table = (tmp_path / "paired_mass_bs.md").read_text()
+    assert "--splits validation" in table and "| 10 | validation | 2 | overall |" in table
+    assert "| test |" not in table
+    assert beyond_cls.main(["paired", "--tags", "mass", "bs", "--imbalance", "10"]) == 0
+    assert len(list(runs.glob("*/test_metrics.json"))) == 4
+    assert "| 10 | test | 2 | overall |" in (tmp_path / "paired_mass_bs.md").read_text()
+    assert beyond_cls.main(["lag", "--imbalance", "10", "--tags", "bs", "mass",
+                            "--steps", "1", "5"]) == 0
+    rows = {line.split(" | ")[1]: line for line in (tmp_path / "lag.md").read_text()
+            .splitlines() if line.startswith("| 10 |")}
+    assert rows["bs"].count("0.000 (0.000-0.000)") == 2
+    assert "0.000 (0.000-0.000)" not in rows["mass"]
