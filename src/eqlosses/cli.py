@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -421,9 +422,9 @@ def _fused_kernel_from_environment() -> None:
     from .functional import fused
 
     try:
-        if fused.enable_from_environment():
+        if fused.enable_from_environment() and os.environ.get("RANK", "0") == "0":
             print("eqlosses: the softmax losses use the fused CPU kernel (EQLOSSES_FUSED_CPU=1)",
-                  file=sys.stderr)
+                  file=sys.stderr)  # (under torchrun, once)
     except RuntimeError as err:
         raise ValueError(f"EQLOSSES_FUSED_CPU=1: {err}") from err
 
