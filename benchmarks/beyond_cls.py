@@ -83,8 +83,9 @@ SETTINGS: Dict[str, tuple] = {
                  "predicted class mass, tau 1, logits scaled by (M_j / max M)^0.3"),
 }
 
-#: the settings evaluated on the test set (chosen on the validation table; see the docs page)
-FINAL: List[str] = ["ce", "bs", "eql_t2", "raw_pos_t15", "mass"]
+#: the settings evaluated on the test set (chosen on the validation table; see the docs page;
+#: mass_rec1, added later, is in the paired tables, not yet in the committed table.md)
+FINAL: List[str] = ["ce", "bs", "eql_t2", "raw_pos_t15", "mass", "mass_rec1"]
 
 COLUMNS = (("overall", "top1"), ("many", "many"), ("medium", "medium"), ("few", "few"))
 EPOCHS = 100
