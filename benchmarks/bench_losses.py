@@ -50,7 +50,7 @@ def plain_focal(logits, onehot, normalizer, gamma=2.0, alpha=0.25):
 # name -> (description, builder(device, quick) -> (ours, baseline, logits))
 CASES: Dict[str, Tuple[str, Callable]] = {}
 #: cases that run on the CPU only (left out of the default selection on other devices)
-CPU_ONLY = {"softmax_eql_cls_fused"}
+CPU_ONLY: set = set()
 
 
 def case(name, description):
@@ -118,32 +118,6 @@ def _softmax_cls_compiled(device, quick):
     return (lambda: crit(logits, t).backward()), (lambda: F.cross_entropy(logits, t).backward()), logits
 
 
-@case("softmax_eql_cls_fused", "SoftmaxEQLLoss with the fused CPU kernel "
-      "(eqlosses.functional.enable_fused_cpu_kernel) vs cross_entropy, N=512, C=1000")
-def _softmax_cls_fused(device, quick):
-    """The one-pass C++ kernel, built on first use (about 30 s, then cached); CPU only. It
-    is enabled only inside the timed call, so the other cases keep the eager kernel."""
-    if not device.startswith("cpu"):
-        raise ValueError(f"the softmax_eql_cls_fused case is CPU-only, not for {device}")
-    from eqlosses.functional import fused
-
-    fused.enable_fused_cpu_kernel()  # build or load it here, outside the timing
-    fused.disable_fused_cpu_kernel()
-    n, c = (128, 200) if quick else (512, 1000)
-    logits = torch.randn(n, c, device=device, requires_grad=True)
-    t = _long_tail_targets(n, c, device)
-    crit = eqlosses.SoftmaxEQLLoss(c).to(device)
-
-    def ours():
-        fused.enable_fused_cpu_kernel()
-        try:
-            crit(logits, t).backward()
-        finally:
-            fused.disable_fused_cpu_kernel()
-
-    return ours, (lambda: F.cross_entropy(logits, t).backward()), logits
-
-
 @case("softmax_eql_seg", "SoftmaxEQLLoss vs cross_entropy, segmentation B=2, C=150, 128x128")
 def _softmax_seg(device, quick):
     b, c, h = (2, 150, 32) if quick else (2, 150, 128)
@@ -153,6 +127,46 @@ def _softmax_seg(device, quick):
     crit = eqlosses.SoftmaxEQLLoss(c, ignore_index=255).to(device)
     return ((lambda: crit(logits, t).backward()),
             (lambda: F.cross_entropy(logits, t, ignore_index=255).backward()), logits)
+
+
+def _cpu_only(name, device):
+    if not device.startswith("cpu"):
+        raise ValueError(f"the {name} case is CPU-only, not for {device}")
+
+
+def _with_fused_kernel(ours):
+    """``ours`` with the fused CPU kernel (built or loaded here, outside the timing; about 30 s
+    the first time on a machine), enabled only inside the timed call so that the other cases
+    keep the eager kernel."""
+    from eqlosses.functional import fused
+
+    fused.enable_fused_cpu_kernel()
+    fused.disable_fused_cpu_kernel()
+
+    def call():
+        fused.enable_fused_cpu_kernel()
+        try:
+            ours()
+        finally:
+            fused.disable_fused_cpu_kernel()
+
+    return call
+
+
+def _fused_case(name, what, builder):
+    """Register ``builder``'s case again, with the fused CPU kernel (CPU only)."""
+    @case(name, "SoftmaxEQLLoss with the fused CPU kernel "
+          f"(eqlosses.functional.enable_fused_cpu_kernel) vs cross_entropy, {what}")
+    def build(device, quick):
+        _cpu_only(name, device)
+        ours, base, logits = builder(device, quick)
+        return _with_fused_kernel(ours), base, logits
+
+    CPU_ONLY.add(name)
+
+
+_fused_case("softmax_eql_cls_fused", "N=512, C=1000", _softmax_cls)
+_fused_case("softmax_eql_seg_fused", "segmentation B=2, C=150, 128x128", _softmax_seg)
 
 
 def _sync(device):

@@ -18,7 +18,7 @@ def test_benchmark_quick_run(tmp_path):
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "x |" in line]
-    assert len(rows) == 6  # every case, the compiled and the fused one included
+    assert len(rows) == 7  # every case, the compiled and the fused ones included
     for row in rows:
         ratios = [float(r) for r in re.findall(r"\| ([0-9.]+)x (?=\|)", row)]
         assert len(ratios) == 2 and min(ratios) > 0  # median of pairs, best-of

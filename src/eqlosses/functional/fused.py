@@ -4,12 +4,14 @@ The softmax losses of the package are cross-entropy over additively adjusted log
 ``CE(z + a, y)``, computed by one eager kernel of about 23 torch operations and several
 passes over the logits (the adjustment, the softmax, the per-class sums, the gradient's
 scaling in backward). On a CPU, where a small batch costs little compute, those passes and
-the dispatch of each operation decide the speed. The fused kernel does the same work in one pass over the logits: per row, the
-maximum, the exponentials and their sum, the loss ``log s + m - z~_t``, the gradient
-``scale * (softmax(z~) - y)`` (already divided by the number of rows for a mean, so that the
-backward pass only hands it over) and the per-class statistics ``sum (1 - p_t)`` (positives)
-and ``sum p`` (negatives), with torch's vectorised ``exp``. Results equal the eager kernel's
-to rounding (tests/functional/test_fused.py).
+the dispatch of each operation decide the speed. The fused kernel does the same work in one
+pass over the logits: per row, the maximum, the exponentials and their sum, the loss
+``log s + m - z~_t``, the gradient ``scale * (softmax(z~) - y)`` (already divided by the
+number of rows for a mean, so that the backward pass only hands it over) and the per-class
+statistics ``sum (1 - p_t)`` (positives) and ``sum p`` (negatives), with torch's vectorised
+``exp``. Pixels (``[N, C, H, W]``, NCHW) go by blocks of as many pixels as a vector holds,
+the pixels in the lanes and the channels in the loop, so that every load is contiguous.
+Results equal the eager kernel's to rounding (tests/functional/test_fused.py).
 
 It is C++ compiled with ``torch.utils.cpp_extension`` the first time it is enabled on a
 machine (about 30 s on a 2-core machine; then cached under ``TORCH_EXTENSIONS_DIR``, by
@@ -24,12 +26,13 @@ off unless enabled::
     EF.disable_fused_cpu_kernel()
 
 or ``EQLOSSES_FUSED_CPU=1`` in the environment of ``eqlosses train``/``eval``/``demo``. Once
-enabled it serves calls on CPU logits ``[N, C]`` of dtype float32 or float64, contiguous, with
-class-index targets and a ``[C]`` adjustment (or none): Softmax-EQL and its variants, balanced
-softmax, cross-entropy. Everything else (pixels ``[N, C, H, W]``, half precision, probability
-targets, EQL's softmax form and Seesaw with their per-row adjustments, CUDA, code being traced
-by ``torch.compile``) takes the eager kernel as before. Measured in
-``benchmarks/bench_losses.py`` (case ``softmax_eql_cls_fused``) and docs/speed.md.
+enabled it serves calls on CPU logits ``[N, C]`` or ``[N, C, *]`` of dtype float32 or float64,
+contiguous, with class-index targets and a ``[C]`` adjustment (or none): Softmax-EQL and its
+variants, balanced softmax, cross-entropy, on rows and on pixels. Everything else (half
+precision, channels-last or other strided logits, probability targets, EQL's softmax form and
+Seesaw with their per-row adjustments, CUDA, code being traced by ``torch.compile``) takes the
+eager kernel as before. Measured in ``benchmarks/bench_losses.py`` (cases
+``softmax_eql_cls_fused`` and ``softmax_eql_seg_fused``) and docs/speed.md.
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ def kernel_for(logits: torch.Tensor, adjustment: Optional[torch.Tensor], return_
     """The fused kernel when it is enabled and serves this call, else None."""
     if _kernel is None or return_grad:
         return None
-    if (logits.device.type != "cpu" or logits.dim() != 2
+    if (logits.device.type != "cpu" or logits.dim() < 2
             or logits.dtype not in (torch.float32, torch.float64) or not logits.is_contiguous()
             or (adjustment is not None and adjustment.dim() != 1)
             or torch.compiler.is_compiling()):

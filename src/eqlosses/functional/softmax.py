@@ -9,6 +9,7 @@ for autograd. One kernel, :func:`_adjusted_cross_entropy`, computes the loss and
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -61,9 +62,15 @@ def _adjusted_cross_entropy(
     need_grad = needs_grad(logits)
     kernel = fused.kernel_for(logits, adjustment, return_grad)
     if kernel is not None:
+        z, t = logits.detach(), targets
+        if z.dim() > 2:  # [N, C, *] as [N, C, P]: views, the logits being contiguous
+            pixels = math.prod(z.shape[2:])
+            z, t = z.view(z.shape[0], z.shape[1], pixels), t.reshape(t.shape[0], pixels)
         elem, grad, pos_inc, neg_inc, count = kernel.adjusted_cross_entropy(
-            logits.detach(), None if adjustment is None else adjustment.to(logits.dtype),
-            targets.contiguous(), ignore_index, reduction == "mean", want_stats, need_grad)
+            z, None if adjustment is None else adjustment.to(logits.dtype), t.contiguous(),
+            ignore_index, reduction == "mean", want_stats, need_grad)
+        elem = elem.view(targets.shape)
+        grad = None if grad is None else grad.view(logits.shape)
         normalizer = max(targets.numel(), 1) if all_valid else count
         loss = reduce_loss(logits, elem, grad, reduction, normalizer, grad_reduced=True)
         return _Result(loss, pos_inc, neg_inc, scale_of(reduction, normalizer), None)
