@@ -171,6 +171,23 @@ def test_extreme_logits_as_the_eager_kernel(fused_kernel):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("pixels", [False, True])
+def test_a_small_loss_beside_large_logits_keeps_its_precision(fused_kernel, pixels):
+    """Logits near 2,650 in float32 (a rounding unit of 2.4e-4) whose target is the largest,
+    7.0 above the next: the loss, log(1 + e^-7) = 9.3e-4, is log s + (m - z_t) with m - z_t
+    exactly 0, good to the float32 rounding of s = 1 + 9.3e-4 (1e-4 relative); summed as
+    (log s + m) - z_t it came out in whole rounding units of 2,650 (with the hostile-input
+    test's adjustment, 7.3e-4 for 8.0e-4)."""
+    row = torch.tensor([2645.330322265625, -2712.519775390625, -8456.3291015625,
+                        2652.30517578125])
+    z = row.view(1, 4, 1, 1).repeat(2, 1, 3, 5) if pixels else row.repeat(3, 1)
+    t = torch.full((2, 3, 5) if pixels else (3,), 3)
+    loss = softmax_eql_loss(z, t, torch.ones(4), reduction="none")
+    exact = torch.logsumexp(row.double(), 0) - row.double()[3]
+    torch.testing.assert_close(loss.double(), exact.expand(t.shape), rtol=1e-4, atol=0)
+
+
+@pytest.mark.slow
 def test_the_kernel_serves_only_the_calls_it_can(fused_kernel, monkeypatch):
     calls = _spy(monkeypatch)
     t = torch.tensor([0, 2, 1])

@@ -5,7 +5,7 @@
 //
 // For a row n with target t = y_n (rows with y_n == ignore_index count nowhere):
 //   m = max_j (z_j + a_j),  s = sum_j exp(z_j + a_j - m),  p_j = exp(z_j + a_j - m) / s
-//   loss_n = log s + m - (z_t + a_t)              (exact where p_t underflows)
+//   loss_n = log s + (m - (z_t + a_t))            (exact where p_t underflows)
 //   grad_nj = scale * (p_j - [j == t])             (scale = 1 / #valid rows for a mean, else 1)
 //   pos_t += 1 - p_t,   neg_j += p_j (j != t)      (the statistics of the Softmax-EQL family)
 // The per-class sums are accumulated per chunk of rows and added in chunk order, so a result
@@ -63,7 +63,8 @@ void one_row(const T* z, const T* a, int64_t C, int64_t t, T scale, T* g, T* los
     g[j] = e;
     s += e;
   }
-  *loss = std::log(s) + m - (z[t] + a[t]);
+  // (m - z~_t first: it is exact when t is the argmax, and log s small beside m)
+  *loss = std::log(s) + (m - (z[t] + a[t]));
   // 3. p = e / s: the negatives' sums (the target entry zeroed first, as no cancellation is
   //    wanted there), then the scaled gradient
   const T inv = T(1) / s;
@@ -130,7 +131,7 @@ void pixel_block(const T* z, const T* a, int64_t C, int64_t P, int64_t p0, int64
     T& gt = g[t * gP + goff + l];
     p_t[l] = gt * inv[l];
     gt = 0;  // the target's entry leaves the negatives' sums
-    loss[l] = std::log(s[l]) + m[l] - (z[t * P + p0 + l] + a[t]);
+    loss[l] = std::log(s[l]) + (m[l] - (z[t * P + p0 + l] + a[t]));
   }
   const V vinv = V::loadu(inv), vg = vinv * V(scale);
   for (int64_t c = 0; c < C; ++c) {
