@@ -288,14 +288,34 @@ def cmd_paired(args) -> int:
     return 0
 
 
+def margins_against_prior(run: Path):
+    """A run's logged steps, indicator relative to the class counts ``(I_j / I_head) /
+    (n_j / n_head)`` (1: the class prior; None for a loss that logs no indicator) and margin
+    in force minus balanced softmax's, ``(a_j - a_head) - log(n_j / n_head)`` in nats (0:
+    balanced softmax's margin), each ``[steps, C]``, read off its ``stats.bin`` and the
+    ``train_counts`` of its ``metrics.json``."""
+    import numpy as np
+
+    from eqlosses.monitor.recorder import read_stats
+
+    counts = np.asarray(json.loads((run / "metrics.json").read_text())["train_counts"],
+                        dtype=float)
+    h = read_stats(run, fields=["terms"])
+    margin = np.asarray(h.terms["margin"], dtype=float)
+    prior = counts / counts[0]
+    rel = None
+    if "indicator" in h.terms:
+        ind = np.maximum(np.asarray(h.terms["indicator"], dtype=float), 1e-12)
+        rel = (ind / ind[:, :1]) / prior
+    return np.asarray(h.steps), rel, (margin - margin[:, :1]) - np.log(prior)
+
+
 def cmd_lag(args) -> int:
     """For each setting, at the given training steps (``lag.md``): the largest distance over
     the classes between its margins and balanced softmax's, ``max_j |(a_j - a_head) - log(n_j /
     n_head)|`` in nats (0: the margins of balanced softmax), read off each run's ``stats.bin``
     (the nearest logged step), as mean and range over the seeds."""
     import numpy as np
-
-    from eqlosses.monitor.recorder import read_stats
 
     lines = ["Largest |margin - balanced softmax's| over the classes (nats), mean (min-max) "
              "over the seeds; `python benchmarks/beyond_cls.py lag --imbalance "
@@ -310,12 +330,8 @@ def cmd_lag(args) -> int:
                 continue
             per_seed = []
             for run in runs.values():
-                counts = np.asarray(json.loads((run / "metrics.json").read_text())
-                                    ["train_counts"], dtype=float)
-                h = read_stats(run, fields=["terms"])
-                margin = np.asarray(h.terms["margin"], dtype=float)
-                gap = np.abs((margin - margin[:, :1]) - np.log(counts / counts[0])).max(axis=1)
-                steps = np.asarray(h.steps)
+                steps, _, extra = margins_against_prior(run)
+                gap = np.abs(extra).max(axis=1)
                 per_seed.append([gap[int(np.abs(steps - s).argmin())] for s in args.steps])
             cells = [f"{np.mean(col):.3f} ({min(col):.3f}-{max(col):.3f})"
                      for col in zip(*per_seed)]
@@ -346,9 +362,6 @@ def plot_indicators(args) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-
-    from eqlosses.monitor.recorder import read_stats
 
     for imbalance in args.imbalance:
         tags = [t for t in SETTINGS if SETTINGS[t][0] in ("softmax_eql", "softmax_eql_x")
@@ -362,18 +375,13 @@ def plot_indicators(args) -> None:
                                  squeeze=False, sharey="row")
         for col, tag in enumerate(tags):
             run = _runs(imbalance, tag)[0]
-            counts = np.asarray(json.loads((run / "metrics.json").read_text())["train_counts"],
-                                dtype=float)
-            h = read_stats(run, fields=["terms"])
-            ind = np.maximum(np.asarray(h.terms["indicator"], dtype=float), 1e-12)
-            margin = np.asarray(h.terms["margin"], dtype=float)
-            rel = (ind / ind[:, :1]) / (counts / counts[0])
-            extra = (margin - margin[:, :1]) - np.log(counts / counts[0])
-            for j in range(ind.shape[1]):
-                color = plt.cm.viridis(j / max(ind.shape[1] - 1, 1))
-                axes[0, col].plot(h.steps, rel[:, j], color=color, lw=1,
+            counts = json.loads((run / "metrics.json").read_text())["train_counts"]
+            steps, rel, extra = margins_against_prior(run)
+            for j in range(rel.shape[1]):
+                color = plt.cm.viridis(j / max(rel.shape[1] - 1, 1))
+                axes[0, col].plot(steps, rel[:, j], color=color, lw=1,
                                   label=f"class {j} (n={counts[j]:g})")
-                axes[1, col].plot(h.steps, extra[:, j], color=color, lw=1)
+                axes[1, col].plot(steps, extra[:, j], color=color, lw=1)
             axes[0, col].axhline(1.0, color="red", ls=":", lw=1)
             axes[1, col].axhline(0.0, color="red", ls=":", lw=1)
             axes[0, col].set_yscale("log")
