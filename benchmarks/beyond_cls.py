@@ -19,6 +19,8 @@ the final settings (``FINAL``), once per run, from its checkpoint (``test_metric
     python benchmarks/beyond_cls.py paired --tags mass bs
     # how far the margins are from balanced softmax's over training (from stats.bin)
     python benchmarks/beyond_cls.py lag --imbalance 10 --tags mass mass_rec1
+    # is a gap in the decision rule? validation accuracy with the logits shifted after training
+    python benchmarks/beyond_cls.py posthoc --tags bs mass mass_rec1
 
 The runs are not committed: ``report`` keeps the committed rows (and plots) of the settings
 whose runs this checkout lacks, and recomputes the others.
@@ -75,6 +77,10 @@ SETTINGS: Dict[str, tuple] = {
     "mass_rec1": ("softmax_eql_x", {"indicator": "mass", "recency": 1.0},
                   "predicted class mass, update t weighted by t (forgets the first steps), "
                   "tau 1"),
+    "mass_rec1_t12": ("softmax_eql_x", {"indicator": "mass", "recency": 1.0, "tau": 1.2},
+                      "predicted class mass, update t weighted by t, tau 1.2"),
+    "bs_t12": ("balanced_softmax", {"tau": 1.2},
+               "logit adjustment, tau 1.2 (class counts given)"),
     "mass_g01": ("softmax_eql_x", {"indicator": "mass", "gamma": 0.1},
                  "predicted class mass, tau 1, logits scaled by (M_j / max M)^0.1"),
     "mass_g02": ("softmax_eql_x", {"indicator": "mass", "gamma": 0.2},
@@ -89,6 +95,7 @@ FINAL: List[str] = ["ce", "bs", "eql_t2", "raw_pos_t15", "mass", "mass_rec1"]
 
 COLUMNS = (("overall", "top1"), ("many", "many"), ("medium", "medium"), ("few", "few"))
 EPOCHS = 100
+DELTAS = [-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3]  # posthoc: logit shifts, in units of log n
 
 
 def config_for(tag: str, imbalance: float, seed: int, epochs: int = EPOCHS):
@@ -343,6 +350,63 @@ def cmd_lag(args) -> int:
     return 0
 
 
+def cmd_posthoc(args) -> int:
+    """Whether the gap between two settings is in the decision rule (``posthoc.md``; the
+    validation split only): each run's validation accuracy when its logits are shifted after
+    training, ``argmax_j z_j - delta log n_j`` (``delta`` > 0 moves predictions towards the
+    rare classes), and the slope of its last layer's bias on ``log n_j`` (the prior left in
+    the model). The class counts are used to diagnose, not by any label-free loss."""
+    import numpy as np
+
+    from eqlosses.tasks.classification import build_data, build_job
+    from eqlosses.tasks.engine import load_checkpoint
+
+    torch.set_num_threads(1)
+    deltas = args.deltas
+    lines = ["Validation accuracy (%) with the logits shifted after training, argmax z_j - "
+             "delta log n_j (delta > 0: towards the rare classes), mean over the seeds; bias "
+             "slope: the last layer's bias regressed on log n_j, mean (min-max). "
+             "`python benchmarks/beyond_cls.py posthoc --imbalance "
+             + " ".join(f"{i:g}" for i in args.imbalance) + " --tags " + " ".join(args.tags)
+             + ("" if deltas == DELTAS else " --deltas " + " ".join(f"{d:g}" for d in deltas))
+             + "`", "",
+             "| imbalance | setting | seeds | bias slope | "
+             + " | ".join(f"delta {d:+g}" for d in deltas) + " |",
+             "|---|---|---|---|" + "---|" * len(deltas)]
+    for imbalance in args.imbalance:
+        data = None
+        for tag in args.tags:
+            runs = _runs(imbalance, tag)
+            if not runs:
+                continue
+            accs, slopes = [], []
+            for seed, run in sorted(runs.items()):
+                cfg = config_for(tag, imbalance, seed)
+                data = data or build_data(cfg)  # the same split for every run of a ratio
+                model = build_job(cfg, torch.device("cpu")).model
+                model.load_state_dict(load_checkpoint(run / "checkpoint.pt")["model"])
+                model.eval()
+                images = torch.stack([data.val[i][0] for i in range(len(data.val))])
+                labels = torch.as_tensor([int(data.val[i][1]) for i in range(len(data.val))])
+                with torch.no_grad():
+                    logits = model(images)
+                log_n = torch.bincount(torch.as_tensor(data.train_labels),
+                                       minlength=data.num_classes).double().log()
+                accs.append([100 * float(((logits.double() - d * log_n).argmax(1) == labels)
+                                         .double().mean()) for d in deltas])
+                bias = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].bias
+                slopes.append(float(np.polyfit(log_n.numpy(), bias.detach().double().numpy(),
+                                               1)[0]))
+            mean = np.mean(accs, axis=0)
+            lines.append(f"| {imbalance:g} | {tag} | {','.join(map(str, sorted(runs)))} | "
+                         f"{np.mean(slopes):.3f} ({min(slopes):.3f}-{max(slopes):.3f}) | "
+                         + " | ".join(f"{m:.2f}" for m in mean) + " |")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "posthoc.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def replace_block(doc: Path, tag: str, lines: List[str]) -> None:
     """Replace the lines between ``<!-- tag -->`` and ``<!-- /tag -->`` in ``doc``."""
     text = doc.read_text()
@@ -424,6 +488,14 @@ def main(argv=None) -> int:
     p.add_argument("--tags", nargs="+", default=["mass"], choices=list(SETTINGS))
     p.add_argument("--steps", type=int, nargs="+", default=[20, 100, 300, 1000, 3000])
     p.set_defaults(func=cmd_lag)
+    p = sub.add_parser("posthoc", help="validation accuracy with the logits shifted by "
+                                       "-delta log n after training, and the prior left in "
+                                       "the last bias")
+    p.add_argument("--imbalance", type=float, nargs="+", default=[100.0, 10.0])
+    p.add_argument("--tags", nargs="+", default=["bs", "mass", "mass_rec1"],
+                   choices=list(SETTINGS))
+    p.add_argument("--deltas", type=float, nargs="+", default=DELTAS)
+    p.set_defaults(func=cmd_posthoc)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -118,8 +118,8 @@ def test_beyond_cls_screening_reads_validation_only_and_lag_reads_the_margins(tm
                                                                               monkeypatch):
     """benchmarks/beyond_cls.py on 1-epoch runs of real Fashion-MNIST-LT: `paired --splits
     validation` (a setting being screened) leaves the test set unread; `paired` reads it once
-    per run; `lag` finds balanced softmax's margins at exactly the log prior and the mass
-    indicator's away from it."""
+    per run; `posthoc` reads the validation split only; `lag` finds balanced softmax's margins
+    at exactly the log prior and the mass indicator's away from it."""
     from eqlosses.data.idx import find_fashion_mnist
 
     try:
@@ -146,6 +146,16 @@ def test_beyond_cls_screening_reads_validation_only_and_lag_reads_the_margins(tm
     assert beyond_cls.main(["paired", "--tags", "mass", "bs", "--imbalance", "10",
                             "--splits", "validation"]) == 0
     assert not list(runs.glob("*/test_metrics.json"))
+    # posthoc reads the validation split only; unshifted, it is the pipeline's own accuracy,
+    # and a shift of 50 log n sends every image to the rarest class (a tenth of a balanced set)
+    assert beyond_cls.main(["posthoc", "--imbalance", "10", "--tags", "bs", "--deltas",
+                            "0", "50"]) == 0
+    assert not list(runs.glob("*/test_metrics.json"))
+    row = next(line for line in (tmp_path / "posthoc.md").read_text().splitlines()
+               if line.startswith("| 10 | bs | 0,1 |")).split(" | ")
+    val = [100 * beyond_cls.val_metrics(runs / f"r10-bs-s{s}")["top1"] for s in (0, 1)]
+    assert float(row[4]) == pytest.approx(sum(val) / 2, abs=0.006)
+    assert float(row[5].rstrip(" |")) == pytest.approx(10.0)
     table = (tmp_path / "paired_mass_bs.md").read_text()
     assert "--splits validation" in table and "| 10 | validation | 2 | overall |" in table
     assert "| test |" not in table
