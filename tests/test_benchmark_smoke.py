@@ -168,3 +168,28 @@ def test_beyond_cls_screening_reads_validation_only_and_lag_reads_the_margins(tm
             .splitlines() if line.startswith("| 10 |")}
     assert rows["bs"].count("0.000 (0.000-0.000)") == 2
     assert "0.000 (0.000-0.000)" not in rows["mass"]
+
+
+def test_beyond_cls_given_start_begins_at_the_class_prior_and_leaves_the_pipeline_as_it_was():
+    """The diagnostic `seeded_mass`: inside it the mass loss starts with balanced softmax's
+    margins (log of the class frequencies, up to a constant) and the weight of K updates
+    (K(K+1)/2 with recency 1); outside it the pipeline builds the label-free loss at zero."""
+    import torch
+
+    from eqlosses.tasks import classification
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import beyond_cls
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    cfg = beyond_cls.config_for("mass_rec1_given100", 10, 0)
+    counts = torch.tensor([1000.0, 600, 360, 215, 130, 77, 46, 28, 16, 10])
+    real = classification.build_criterion
+    with beyond_cls.seeded_mass(100):
+        seeded = classification.build_criterion(cfg.loss, 10, counts)
+    assert classification.build_criterion is real
+    assert float(seeded.mass.sum()) == pytest.approx(100 * 101 / 2)
+    margins = seeded.adjustment() - seeded.adjustment()[0]
+    torch.testing.assert_close(margins, (counts / counts[0]).log().double())
+    assert float(real(cfg.loss, 10, counts).mass.abs().sum()) == 0.0
