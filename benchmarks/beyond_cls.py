@@ -408,24 +408,25 @@ def cmd_posthoc(args) -> int:
              + " | ".join(f"delta {d:+g}" for d in deltas) + " |",
              "|---|---|---|---|" + "---|" * len(deltas)]
     for imbalance in args.imbalance:
-        data = None
+        images = None  # the validation split and counts: the same for every run of a ratio
         for tag in args.tags:
             runs = _runs(imbalance, tag)
             if not runs:
                 continue
-            accs, slopes = [], []
-            for seed, run in sorted(runs.items()):
-                cfg = config_for(tag, imbalance, seed)
-                data = data or build_data(cfg)  # the same split for every run of a ratio
-                model = build_job(cfg, torch.device("cpu")).model
-                model.load_state_dict(load_checkpoint(run / "checkpoint.pt")["model"])
-                model.eval()
+            cfg = config_for(tag, imbalance, min(runs))  # the seed changes only the weights
+            if images is None:
+                data = build_data(cfg)
                 images = torch.stack([data.val[i][0] for i in range(len(data.val))])
                 labels = torch.as_tensor([int(data.val[i][1]) for i in range(len(data.val))])
-                with torch.no_grad():
-                    logits = model(images)
                 log_n = torch.bincount(torch.as_tensor(data.train_labels),
                                        minlength=data.num_classes).double().log()
+            model = build_job(cfg, torch.device("cpu")).model
+            accs, slopes = [], []
+            for seed, run in sorted(runs.items()):
+                model.load_state_dict(load_checkpoint(run / "checkpoint.pt")["model"])
+                model.eval()
+                with torch.no_grad():
+                    logits = model(images)
                 accs.append([100 * float(((logits.double() - d * log_n).argmax(1) == labels)
                                          .double().mean()) for d in deltas])
                 bias = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].bias

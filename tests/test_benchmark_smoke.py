@@ -10,6 +10,17 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_losses.py"
 
 
+def benchmark_module(name: str):
+    """The script ``benchmarks/<name>.py`` imported as a module."""
+    import importlib
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+
 @pytest.mark.slow
 def test_benchmark_quick_run(tmp_path):
     out = tmp_path / "table.md"
@@ -94,12 +105,7 @@ def test_beyond_det_chooses_on_dev_and_reads_the_test_canvases_for_final_setting
 def test_gpu_check_leaves_the_cpu_only_cases_out_on_a_gpu(monkeypatch):
     """The fused CPU kernel's case would refuse CUDA: gpu_check's speed check skips it
     there (and keeps it on the CPU)."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import bench_losses
-        import gpu_check
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    bench_losses, gpu_check = benchmark_module("bench_losses"), benchmark_module("gpu_check")
     timed = []
     monkeypatch.setattr(bench_losses, "time_case",
                         lambda name, *args: timed.append(name) or (1.0, 1.0, 1.0, 1.0))
@@ -126,11 +132,7 @@ def test_beyond_cls_screening_reads_validation_only_and_lag_reads_the_margins(tm
         find_fashion_mnist(None)
     except FileNotFoundError:
         pytest.skip("the Fashion-MNIST IDX files are not installed")
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import beyond_cls
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    beyond_cls = benchmark_module("beyond_cls")
     monkeypatch.setattr(beyond_cls, "OUT", tmp_path)
     real = beyond_cls.config_for
 
@@ -178,11 +180,7 @@ def test_beyond_cls_given_start_begins_at_the_class_prior_and_leaves_the_pipelin
 
     from eqlosses.tasks import classification
 
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import beyond_cls
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    beyond_cls = benchmark_module("beyond_cls")
     cfg = beyond_cls.config_for("mass_rec1_given100", 10, 0)
     counts = torch.tensor([1000.0, 600, 360, 215, 130, 77, 46, 28, 16, 10])
     real = classification.build_criterion

@@ -6,7 +6,7 @@ passes over the logits (the adjustment, the softmax, the per-class sums, the gra
 scaling in backward). On a CPU, where a small batch costs little compute, those passes and
 the dispatch of each operation decide the speed. The fused kernel does the same work in one
 pass over the logits: per row, the maximum, the exponentials and their sum, the loss
-``log s + m - z~_t``, the gradient ``scale * (softmax(z~) - y)`` (already divided by the
+``log s + (m - z~_t)``, the gradient ``scale * (softmax(z~) - y)`` (already divided by the
 number of rows for a mean, so that the backward pass only hands it over) and the per-class
 statistics ``sum (1 - p_t)`` (positives) and ``sum p`` (negatives), with torch's vectorised
 ``exp``. Pixels (``[N, C, H, W]``, NCHW) go by blocks of as many pixels as a vector holds,
