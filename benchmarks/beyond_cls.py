@@ -91,7 +91,24 @@ SETTINGS: Dict[str, tuple] = {
                  "predicted class mass, tau 1, logits scaled by (M_j / max M)^0.2"),
     "mass_g03": ("softmax_eql_x", {"indicator": "mass", "gamma": 0.3},
                  "predicted class mass, tau 1, logits scaled by (M_j / max M)^0.3"),
+    # the same losses on a re-sampled stream (``data.sampler=sqrt``: class j drawn with
+    # probability proportional to sqrt(n_j), so the stream's prior is sqrt(n_j) / sum_k sqrt(n_k),
+    # not the dataset's n_j / N); balanced softmax is handed the dataset counts, as the pipeline
+    # does by default, or (bs_t05_sqrt) the stream's prior: tau 0.5 on log n_j is log sqrt(n_j)
+    "bs_sqrt": ("balanced_softmax", {}, "balanced softmax (dataset counts given), square-root "
+                "sampling"),
+    "bs_t05_sqrt": ("balanced_softmax", {"tau": 0.5}, "balanced softmax given the sampled "
+                    "stream's prior (tau 0.5 on log n), square-root sampling"),
+    "mass_rec1_sqrt": ("softmax_eql_x", {"indicator": "mass", "recency": 1.0},
+                       "mass_rec1 (no counts), square-root sampling"),
+    # the label-free analogue of bs_sqrt: rows weighted by the mass prior ** -0.5, which in
+    # expectation is the square-root re-sampled stream, margins log M (the un-resampled prior)
+    "mass_rec1_bal05": ("softmax_eql_x", {"indicator": "mass", "recency": 1.0, "balance": 0.5},
+                        "mass_rec1, rows weighted by the mass prior ** -0.5 (no counts)"),
 }
+
+#: settings trained on a re-sampled stream: tag -> ``data.sampler`` (the others: instance)
+SAMPLER: Dict[str, str] = {"bs_sqrt": "sqrt", "bs_t05_sqrt": "sqrt", "mass_rec1_sqrt": "sqrt"}
 
 #: diagnostic settings that are given the class counts for their first updates only: tag ->
 #: K, the mass buffer starting at the class prior with the weight of K updates (sum_t<=K
@@ -115,6 +132,8 @@ def config_for(tag: str, imbalance: float, seed: int, epochs: int = EPOCHS):
                  f"seed={seed}", f"optim.epochs={epochs}", f"eval.every_epochs={epochs}",
                  "progress=false", "tensorboard=false"]
     overrides += [f"loss.{k}={v}" for k, v in kwargs.items()]
+    if tag in SAMPLER:
+        overrides.append(f"data.sampler={SAMPLER[tag]}")
     return load_config(None, overrides)
 
 

@@ -241,3 +241,83 @@ def test_gamma_zero_changes_nothing():
     assert "scale" not in zero.class_terms()
     with pytest.raises(ValueError, match="gamma"):
         SoftmaxEQLVariantLoss(5, gamma=-1.0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(48, 5), (4, 5, 3, 2)])
+def test_balance_weighs_each_row_by_the_estimated_prior(reduction, shape):
+    """balance=beta: row n's loss is weighted by w_{y_n} = pi^-beta / sum_k pi_k^(1-beta),
+    pi the mass normalised to sum 1 (eps-clamped), written out here with autograd for rows
+    and for pixels, some of them ignored; the mass itself stays the unweighted sum of the
+    predicted probabilities."""
+    beta = 0.5
+    crit = SoftmaxEQLVariantLoss(5, indicator="mass", balance=beta, reduction=reduction)
+    assert torch.equal(crit.class_terms()["weight"], torch.ones(5, dtype=torch.float64))
+    g = torch.Generator().manual_seed(4)
+    for step in range(4):
+        logits = torch.randn(*shape, generator=g, dtype=torch.float64) * 3
+        targets = torch.randint(0, 5, (shape[0],) + shape[2:], generator=g)
+        targets.view(-1)[: step] = -100  # some steps with ignored rows
+        terms = crit.class_terms()
+        prior = crit.mass.clamp(min=1e-4) / crit.mass.clamp(min=1e-4).sum()
+        want_w = prior ** -beta / (prior ** (1 - beta)).sum()
+        torch.testing.assert_close(terms["weight"], want_w)
+        view = (1, 5) + (1,) * (len(shape) - 2)
+        ref = logits.clone().requires_grad_()
+        rows = torch.nn.functional.cross_entropy(ref + terms["margin"].view(view), targets,
+                                                 reduction="none")
+        keep = targets != -100
+        weighted = rows * want_w[targets.clamp(min=0)] * keep
+        want = {"mean": weighted.sum() / keep.sum(), "sum": weighted.sum(),
+                "none": weighted}[reduction]
+        want.sum().backward()
+        mass_before = crit.mass.clone()
+        z = logits.clone().requires_grad_()
+        loss = crit(z, targets)
+        loss.sum().backward()
+        torch.testing.assert_close(loss, want.detach())
+        torch.testing.assert_close(z.grad, ref.grad)
+        p = torch.softmax(logits + terms["margin"].view(view), 1).movedim(1, -1).reshape(-1, 5)
+        scale = 1 / int(keep.sum()) if reduction == "mean" else 1
+        torch.testing.assert_close(crit.mass, mass_before + p[keep.reshape(-1)].sum(0) * scale)
+    assert not torch.equal(crit.class_terms()["weight"], torch.ones(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+def test_balance_is_in_expectation_the_loss_of_a_resampled_stream(beta):
+    """With the prior estimate at a batch's class frequencies n_j / N, the weighted mean
+    loss equals the loss of the same rows re-sampled with class probabilities proportional
+    to n_j^(1-beta) (square-root sampling for 0.5, class-balanced for 1): sum_j q_j l_j with
+    l_j the mean loss of class j's rows."""
+    counts = torch.tensor([24, 12, 8, 4])
+    targets = torch.repeat_interleave(torch.arange(4), counts)
+    logits = torch.randn(len(targets), 4, generator=torch.Generator().manual_seed(5))
+    crit = SoftmaxEQLVariantLoss(4, indicator="mass", balance=beta)
+    with torch.no_grad():
+        crit.mass.copy_(counts / counts.sum())
+    margin = crit.class_terms()["margin"]
+    loss = crit(logits, targets)
+    rows = torch.nn.functional.cross_entropy(logits.double() + margin, targets,
+                                             reduction="none")
+    per_class = torch.stack([rows[targets == j].mean() for j in range(4)])
+    q = counts.double() ** (1 - beta)
+    torch.testing.assert_close(loss.double(), (q / q.sum() * per_class).sum(),
+                               rtol=1e-6, atol=0.0)
+
+
+def test_balance_leaves_the_statistics_unweighted():
+    """The margins (and every statistic) follow the same path with and without the row
+    weights, since the statistics are those of the unweighted loss; 0 changes nothing."""
+    plain = SoftmaxEQLVariantLoss(5, indicator="mass", recency=1.0)
+    zero = SoftmaxEQLVariantLoss(5, indicator="mass", recency=1.0, balance=0.0)
+    half = SoftmaxEQLVariantLoss(5, indicator="mass", recency=1.0, balance=0.5)
+    for step, (logits, targets) in enumerate(_batches()):
+        a, b, c = (_step(x, logits, targets) for x in (plain, zero, half))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert torch.allclose(a[1], c[1]) == (step == 0)  # no mass yet: all weights 1
+    torch.testing.assert_close(half.mass, plain.mass)
+    torch.testing.assert_close(half.stats.pos_grad, plain.stats.pos_grad)
+    assert "weight" not in zero.class_terms()
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="balance"):
+            SoftmaxEQLVariantLoss(5, balance=bad)

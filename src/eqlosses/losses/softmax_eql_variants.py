@@ -77,6 +77,18 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
       make it larger to win: by Kini et al.'s argument a margin that, unlike the additive
       one, does not fade as the logits grow on separable data. Predictions use the unscaled
       logits. On Fashion-MNIST-LT it lowered accuracy (``docs/beyond-the-paper.md``).
+    * ``balance``: 0 (default) weighs every row alike; ``beta`` in (0, 1] weighs row n's loss
+      by ``w_{y_n}``, with ``pi = max(I, eps) / sum_k max(I_k, eps)`` the indicator read as
+      the class prior of the training stream and
+
+          w_j = pi_j^-beta / sum_k pi_k^(1 - beta),
+
+      normalised so that the expected weight of a row, ``sum_j pi_j w_j``, is 1. In
+      expectation this is the loss of a stream re-sampled with class probabilities
+      ``pi_j^(1 - beta)`` (``beta = 0.5``: square-root sampling; 1: class-balanced), with
+      the margins still set by the un-resampled prior, and without the counts a sampler
+      needs. The statistics (and so ``I``) stay those of the unweighted loss; with
+      ``indicator="mass"`` ``pi`` tends to the class frequencies.
 
     With the defaults it computes exactly the paper's loss and statistics. Weights at step t
     use the statistics through step t - 1; evaluation forwards update nothing.
@@ -103,18 +115,21 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
                                doc="per-class logit scale (I_j / max I)^gamma; 0: none"),
                 "recency": Param(float, low=0,
                                  doc="weight t**recency for the increments of update t"),
+                "balance": Param(float, low=0, high=1,
+                                 doc="rows weighted by the indicator's prior ** -balance"),
                 "reduction": REDUCTION},
         pixels="native", gradient_statistics=True)
 
     def __init__(self, num_classes: int, tau: float = 1.0, eps: float = 1e-4,
                  indicator: str = "pos", source: str = "adjusted", decay: float = 1.0,
                  tau_warmup: int = 0, gamma: float = 0.0, recency: float = 0.0,
-                 ignore_index: int = -100,
+                 balance: float = 0.0, ignore_index: int = -100,
                  reduction: str = "mean",
                  stats: Optional[GradientStatistics] = None, *, validate: bool = True):
         super().__init__(num_classes, ignore_index, reduction, stats, validate=validate)
         self._set_hparams(tau=tau, eps=eps, indicator=indicator, source=source,
-                          decay=decay, tau_warmup=tau_warmup, gamma=gamma, recency=recency)
+                          decay=decay, tau_warmup=tau_warmup, gamma=gamma, recency=recency,
+                          balance=balance)
         self.num_channels = num_classes
         if self._own_sums():
             self.register_buffer("avg_pos", torch.zeros(num_classes, dtype=torch.float64))
@@ -159,6 +174,14 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
         ind = self.indicator_values().to(dtype).clamp(min=self.eps)
         return (ind / ind.max()).pow(self.gamma)
 
+    def class_weights(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``[C]`` row weights ``w_j = pi_j^-balance / sum_k pi_k^(1 - balance)``, ``pi`` the
+        indicator normalised to sum to 1 (all ones while it is flat, and for balance 0)."""
+        ind = self.indicator_values().to(dtype).clamp(min=self.eps)
+        prior = ind / ind.sum()
+        weight = prior.pow(-self.balance)
+        return weight / (prior * weight).sum()
+
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self._check_state_device(logits)
         update = self.updates_state
@@ -172,11 +195,24 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
             shape = (1, -1) + (1,) * (logits.dim() - 2)
             scaled = logits.to(dtype) * self.logit_scale(dtype).view(shape)
         own = update and self.source == "adjusted"
-        res = _adjusted_cross_entropy(scaled, targets, a, self.ignore_index, self.reduction,
+        reduction = "none" if self.balance else self.reduction
+        res = _adjusted_cross_entropy(scaled, targets, a, self.ignore_index, reduction,
                                       want_stats=own, all_valid=all_valid)
+        loss, scale = res.loss, res.scale
+        if self.balance:  # weigh each row's loss; the statistics stay unweighted
+            valid = None if all_valid else targets != self.ignore_index
+            col = targets if valid is None else targets.masked_fill(~valid, 0)
+            weight = self.class_weights(dtype)[col]
+            if valid is not None:
+                weight = weight * valid
+            normalizer = targets.numel() if valid is None else valid.sum().clamp(min=1)
+            scale = scale_of(self.reduction, normalizer)
+            loss = loss * weight
+            if self.reduction != "none":
+                loss = loss.sum() * scale
         if update:
             if own:
-                pos, neg = res.pos_inc * res.scale, res.neg_inc * res.scale
+                pos, neg = res.pos_inc * scale, res.neg_inc * scale
             else:
                 pos, neg = raw_softmax_increments(logits, targets, self.ignore_index,
                                                   self.reduction, all_valid)
@@ -199,10 +235,12 @@ class SoftmaxEQLVariantLoss(_SoftmaxScores, GradientDrivenLoss):
                                          .pow(self.recency))
                     for (buf, _), inc in zip(sums, extra):
                         buf.copy_(torch.where(applied, self.decay * buf + inc, buf))
-        return res.loss
+        return loss
 
     def class_terms(self) -> Dict[str, torch.Tensor]:
         terms = {"indicator": self.indicator_values(), "margin": self.adjustment()}
         if self.gamma:
             terms["scale"] = self.logit_scale()
+        if self.balance:
+            terms["weight"] = self.class_weights()
         return terms
