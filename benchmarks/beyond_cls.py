@@ -21,6 +21,8 @@ the final settings (``FINAL``), once per run, from its checkpoint (``test_metric
     python benchmarks/beyond_cls.py lag --imbalance 10 --tags mass mass_rec1
     # is a gap in the decision rule? validation accuracy with the logits shifted after training
     python benchmarks/beyond_cls.py posthoc --tags bs mass mass_rec1
+    # several settings on the same seeds, validation only, paired against the first
+    python benchmarks/beyond_cls.py screen --name sampling --tags bs bs_sqrt mass_rec1
 
 The runs are not committed: ``report`` keeps the committed rows (and plots) of the settings
 whose runs this checkout lacks, and recomputes the others.
@@ -461,6 +463,41 @@ def cmd_posthoc(args) -> int:
     return 0
 
 
+def cmd_screen(args) -> int:
+    """Validation accuracy of several settings on the same seeds, and each setting's paired
+    difference in overall accuracy from the first tag's (``screen_NAME.md``; the validation
+    split only, so it can screen settings the test set has not seen)."""
+    ref, seeds = args.tags[0], args.seeds
+    command = (f"python benchmarks/beyond_cls.py screen --name {args.name} --imbalance "
+               + " ".join(f"{i:g}" for i in args.imbalance) + " --seeds "
+               + " ".join(map(str, seeds)) + " --tags " + " ".join(args.tags))
+    lines = [f"Validation accuracy (%), mean ± std over the seeds listed; the last column is "
+             f"the paired difference in overall accuracy from `{ref}`, mean ± std (seeds at or "
+             f"above). `{command}`", "",
+             f"| imbalance | setting | seeds | overall | many | medium | few | "
+             f"overall - {ref} |", "|---|---|---|---|---|---|---|---|"]
+    for imbalance in args.imbalance:
+        base = _runs(imbalance, ref)
+        for tag in args.tags:
+            runs = {s: r for s, r in _runs(imbalance, tag).items() if s in seeds}
+            if not runs:
+                continue
+            metrics = {s: val_metrics(r) for s, r in runs.items()}
+            cells = [_cell([_value(m, key) for m in metrics.values()]) for _, key in COLUMNS]
+            diff = [_value(m, "top1") - _value(val_metrics(base[s]), "top1")
+                    for s, m in metrics.items() if s in base]
+            vs = "-" if tag == ref or len(diff) < 2 else (
+                f"{statistics.mean(diff):+.2f} ± {statistics.stdev(diff):.2f} "
+                f"({sum(d >= 0 for d in diff)} of {len(diff)})")
+            lines.append(f"| {imbalance:g} | {tag}: {SETTINGS[tag][2]} | "
+                         f"{','.join(map(str, sorted(runs)))} | " + " | ".join(cells)
+                         + f" | {vs} |")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"screen_{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def replace_block(doc: Path, tag: str, lines: List[str]) -> None:
     """Replace the lines between ``<!-- tag -->`` and ``<!-- /tag -->`` in ``doc``."""
     text = doc.read_text()
@@ -550,6 +587,13 @@ def main(argv=None) -> int:
                    choices=list(SETTINGS))
     p.add_argument("--deltas", type=float, nargs="+", default=DELTAS)
     p.set_defaults(func=cmd_posthoc)
+    p = sub.add_parser("screen", help="validation accuracy of several settings on the same "
+                                      "seeds, paired against the first")
+    p.add_argument("--name", required=True, help="writes screen_NAME.md")
+    p.add_argument("--imbalance", type=float, nargs="+", default=[100.0, 10.0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--tags", nargs="+", required=True, choices=list(SETTINGS))
+    p.set_defaults(func=cmd_screen)
     args = parser.parse_args(argv)
     return args.func(args)
 

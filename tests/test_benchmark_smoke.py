@@ -158,6 +158,16 @@ def test_beyond_cls_screening_reads_validation_only_and_lag_reads_the_margins(tm
     val = [100 * beyond_cls.val_metrics(runs / f"r10-bs-s{s}")["top1"] for s in (0, 1)]
     assert float(row[4]) == pytest.approx(sum(val) / 2, abs=0.006)
     assert float(row[5].rstrip(" |")) == pytest.approx(10.0)
+    # screen: validation only, each setting's paired difference from the first tag's
+    assert beyond_cls.main(["screen", "--name", "t", "--imbalance", "10", "--seeds", "0", "1",
+                            "--tags", "bs", "mass"]) == 0
+    assert not list(runs.glob("*/test_metrics.json"))
+    rows = [line.split(" | ") for line in (tmp_path / "screen_t.md").read_text().splitlines()
+            if line.startswith("| 10 |")]
+    assert [r[1].split(":")[0] for r in rows] == ["bs", "mass"] and rows[0][-1] == "- |"
+    diff = [100 * (beyond_cls.val_metrics(runs / f"r10-mass-s{s}")["top1"]
+                   - beyond_cls.val_metrics(runs / f"r10-bs-s{s}")["top1"]) for s in (0, 1)]
+    assert float(rows[1][-1].split(" ± ")[0]) == pytest.approx(sum(diff) / 2, abs=0.006)
     table = (tmp_path / "paired_mass_bs.md").read_text()
     assert "--splits validation" in table and "| 10 | validation | 2 | overall |" in table
     assert "| test |" not in table
@@ -170,6 +180,16 @@ def test_beyond_cls_screening_reads_validation_only_and_lag_reads_the_margins(tm
             .splitlines() if line.startswith("| 10 |")}
     assert rows["bs"].count("0.000 (0.000-0.000)") == 2
     assert "0.000 (0.000-0.000)" not in rows["mass"]
+
+
+def test_beyond_cls_sampled_settings_train_on_the_square_root_stream():
+    """The `_sqrt` settings switch the pipeline's sampler; the others keep instance sampling,
+    and the label-free analogue re-weights rows instead (no sampler, no counts)."""
+    beyond_cls = benchmark_module("beyond_cls")
+    assert [beyond_cls.config_for(tag, 100, 0).data.sampler
+            for tag in ("bs", "bs_sqrt", "bs_t05_sqrt", "mass_rec1_sqrt", "mass_rec1_bal05")
+            ] == ["instance", "sqrt", "sqrt", "sqrt", "instance"]
+    assert beyond_cls.config_for("mass_rec1_bal05", 100, 0).loss.kwargs["balance"] == 0.5
 
 
 def test_beyond_cls_given_start_begins_at_the_class_prior_and_leaves_the_pipeline_as_it_was():
