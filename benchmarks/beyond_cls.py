@@ -494,6 +494,8 @@ def cmd_screen(args) -> int:
                          + f" | {vs} |")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"screen_{args.name}.md").write_text("\n".join(lines) + "\n")
+    if args.docs:
+        replace_block(Path("docs/beyond-the-paper.md"), f"beyond:{args.name}", lines[2:])
     print("\n".join(lines))
     return 0
 
@@ -593,6 +595,8 @@ def main(argv=None) -> int:
     p.add_argument("--imbalance", type=float, nargs="+", default=[100.0, 10.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tags", nargs="+", required=True, choices=list(SETTINGS))
+    p.add_argument("--docs", action="store_true",
+                   help="also write the table into docs/beyond-the-paper.md (block NAME)")
     p.set_defaults(func=cmd_screen)
     args = parser.parse_args(argv)
     return args.func(args)
