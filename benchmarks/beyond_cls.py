@@ -218,6 +218,13 @@ def test_metrics(run: Path) -> Dict[str, Any]:
     return metrics
 
 
+def _paired(diffs: List[float]) -> tuple:
+    """Paired differences (at least two) as ("mean ± std", "k of n"), k the seeds at or
+    above."""
+    return (f"{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f}",
+            f"{sum(d >= 0 for d in diffs)} of {len(diffs)}")
+
+
 def _table(rows, header: str) -> List[str]:
     lines = [header, "", "| imbalance | setting | seeds | overall | many | medium | few |",
              "|---|---|---|---|---|---|---|"]
@@ -340,8 +347,8 @@ def cmd_paired(args) -> int:
                 lines.append(
                     f"| {imbalance:g} | {split} | {len(got)} | {group} | "
                     f"{statistics.mean(v for v, _ in got):.2f} | "
-                    f"{statistics.mean(v for _, v in got):.2f} | {statistics.mean(d):+.2f} ± "
-                    f"{statistics.stdev(d):.2f} | {sum(x >= 0 for x in d)} of {len(d)} |")
+                    f"{statistics.mean(v for _, v in got):.2f} | " + " | ".join(_paired(d))
+                    + " |")
     lines += ["", "Seed by seed:", "",
               f"| imbalance | split | seed | group | {a} | {b} | difference |",
               "|---|---|---|---|---|---|---|"] + rows
@@ -487,9 +494,7 @@ def cmd_screen(args) -> int:
             cells = [_cell([_value(m, key) for m in metrics.values()]) for _, key in COLUMNS]
             diff = [_value(m, "top1") - _value(val_metrics(base[s]), "top1")
                     for s, m in metrics.items() if s in base]
-            vs = "-" if tag == ref or len(diff) < 2 else (
-                f"{statistics.mean(diff):+.2f} ± {statistics.stdev(diff):.2f} "
-                f"({sum(d >= 0 for d in diff)} of {len(diff)})")
+            vs = "-" if tag == ref or len(diff) < 2 else "{} ({})".format(*_paired(diff))
             lines.append(f"| {imbalance:g} | {tag}: {SETTINGS[tag][2]} | "
                          f"{','.join(map(str, sorted(runs)))} | " + " | ".join(cells)
                          + f" | {vs} |")
