@@ -23,12 +23,16 @@ the final settings (``FINAL``), once per run, from its checkpoint (``test_metric
     python benchmarks/beyond_cls.py posthoc --tags bs mass mass_rec1
     # several settings on the same seeds, validation only, paired against the first
     python benchmarks/beyond_cls.py screen --name sampling --tags bs bs_sqrt mass_rec1
+    # two final settings on the test set and on the 45,000 training images neither in the
+    # subset nor in validation (a larger second test set), with the evaluation noise
+    python benchmarks/beyond_cls.py holdout --tags mass_rec1_bal05 bs
 
 The runs are not committed: ``report`` keeps the committed rows (and plots) of the settings
 whose runs this checkout lacks, and recomputes the others.
 
 Outputs in ``benchmarks/results/beyond_cls``: ``table.md`` (test, final settings),
-``val_table.md`` (every screened setting), ``per_class.md``, ``indicator_*.png``.
+``val_table.md`` (every screened setting), ``per_class.md``, ``indicator_*.png``,
+``paired_*.md``, ``screen_*.md``, ``holdout_*.md``.
 """
 
 from __future__ import annotations
@@ -195,12 +199,15 @@ def cmd_train(args) -> int:
 
 
 def _runs(imbalance: float, tag: str) -> Dict[int, Path]:
+    """The finished runs of a setting at a ratio, by seed."""
+    first = run_dir_for(config_for(tag, imbalance, 0))
+    prefix = first.name[:-1]  # the name ends in "s0"
     found = {}
-    for seed in range(10):
-        run = run_dir_for(config_for(tag, imbalance, seed))
-        if (run / "metrics.json").is_file():
-            found[seed] = run
-    return found
+    for run in first.parent.glob(prefix + "*"):
+        seed = run.name[len(prefix):]
+        if seed.isdigit() and (run / "metrics.json").is_file():
+            found[int(seed)] = run
+    return dict(sorted(found.items()))
 
 
 def val_metrics(run: Path) -> Dict[str, Any]:
@@ -471,6 +478,161 @@ def cmd_posthoc(args) -> int:
     return 0
 
 
+#: images per class in the extra held-out set: all that the head class has left of
+#: Fashion-MNIST's 6,000 training images per class (1,000 in training with n_max 1,000, 500
+#: in validation)
+HOLDOUT_PER_CLASS = 4500
+
+
+def holdout_indices(cfg):
+    """The extra held-out set of a run's data, as indices into Fashion-MNIST's training
+    images: ``HOLDOUT_PER_CLASS`` of each class's images that are in neither the long-tailed
+    training subset nor the validation split (a second test set of the same distribution,
+    4.5 times the size of the official one). Returns ``(held, train, val, images,
+    labels)``: the three sets' indices and all 60,000 training images and labels."""
+    import numpy as np
+
+    from eqlosses.data.idx import load_fashion_mnist
+    from eqlosses.data.longtail import longtail_indices
+    from eqlosses.data.split import balanced_holdout
+
+    d = cfg.data
+    x, y = load_fashion_mnist(d.root, "train")
+    keep = longtail_indices(y, 10, d.imbalance, n_max=d.n_max, seed=d.subset_seed)
+    val = balanced_holdout(y, keep, d.val_per_class, 10, d.val_seed)
+    held = balanced_holdout(y, np.concatenate([keep, val]), HOLDOUT_PER_CLASS, 10,
+                            d.val_seed + 1)
+    return held, keep, val, x, y
+
+
+def holdout_data(cfg):
+    """``(images [N, 1, 28, 28], labels [N], train_counts [C])`` of the extra held-out set
+    (``holdout_indices``), normalised as the pipeline normalises its evaluation images."""
+    from eqlosses.data.datasets import ArrayImageDataset
+    from eqlosses.tasks.classification import build_data
+
+    held, keep, _, x, y = holdout_indices(cfg)
+    norm = build_data(cfg).val  # the pipeline's own normalisation
+    ds = ArrayImageDataset(x[held], y[held], mean=norm.mean, std=norm.std)
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    counts = torch.bincount(torch.as_tensor(y[keep]), minlength=10)
+    return images, torch.as_tensor(y[held]).long(), counts
+
+
+def predictions(run: Path, split: str, model, images: torch.Tensor) -> torch.Tensor:
+    """``[N]`` the run's top-1 predictions on ``split`` ("test" or "holdout"), computed
+    from its checkpoint once and cached (``{split}_pred.pt``). Refused for a run whose test
+    set has not been read: both are read for final settings only."""
+    from eqlosses.tasks.engine import load_checkpoint
+
+    if not (run / "test_metrics.json").is_file():
+        raise SystemExit(f"{run.name}: its test set has not been read (paired --tags ... "
+                         f"reads it for a final setting); the held-out images are a second "
+                         f"test set and are read for final settings only")
+    cached = run / f"{split}_pred.pt"
+    if cached.is_file():
+        return torch.load(cached)
+    model.load_state_dict(load_checkpoint(run / "checkpoint.pt")["model"])
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(chunk).argmax(1) for chunk in images.split(500)])
+    torch.save(pred, cached)
+    return pred
+
+
+def paired_accuracy(pa: torch.Tensor, pb: torch.Tensor, labels: torch.Tensor,
+                    classes: torch.Tensor) -> tuple:
+    """Two models' accuracies (%) on the images of ``classes`` (all of equal size per
+    class, so this is also the mean per-class accuracy), their difference, the standard
+    error of that difference from the evaluation images alone (the paired, McNemar form,
+    ``sqrt(discordant / n^2 - d^2 / n)`` in fractions: how far it would move on another
+    draw of as many images, the models fixed), and the per-image differences ``[n]`` (1, 0
+    or -1)."""
+    sel = torch.isin(labels, classes)
+    per_image = (pa[sel] == labels[sel]).double() - (pb[sel] == labels[sel]).double()
+    n = per_image.numel()
+    acc_a = float((pa[sel] == labels[sel]).double().mean())
+    d = float(per_image.mean())
+    se = math.sqrt(max(float(per_image.abs().sum()) / n ** 2 - d * d / n, 0.0))
+    return 100 * acc_a, 100 * (acc_a - d), 100 * d, 100 * se, per_image
+
+
+def cmd_holdout(args) -> int:
+    """Two final settings seed by seed on the official test set and on the extra held-out
+    set (``holdout_data``), with the part of the spread of their paired difference that
+    the evaluation images alone account for (``holdout_A_B.md``)."""
+    from eqlosses.data.frequency import many_medium_few_groups
+    from eqlosses.tasks.classification import build_data, build_job
+
+    torch.set_num_threads(1)
+    a, b = args.tags
+    command = f"python benchmarks/beyond_cls.py holdout --tags {a} {b}"
+    if args.imbalance != [100.0, 10.0]:
+        command += " --imbalance " + " ".join(f"{i:g}" for i in args.imbalance)
+    lines = [f"`{a}` against `{b}` on the official test set (1,000 images per class) and on "
+             f"the extra held-out set ({HOLDOUT_PER_CLASS:,} per class: the Fashion-MNIST "
+             f"training images in neither the training subset nor the validation split), "
+             f"paired by training seed; accuracy (%); difference = {a} - {b}. The evaluation "
+             f"se is the standard error of one seed's difference from the evaluation images "
+             f"alone (root mean square over the seeds); the images' se of the mean is that "
+             f"of the mean over the seeds (the models fixed, the images re-drawn); the "
+             f"spread the seeds add is sqrt(std^2 - evaluation se^2). `{command}`", "",
+             f"| imbalance | set | seeds | group | {a} | {b} | difference, mean ± std | seeds "
+             f"with {a} >= {b} | evaluation se | images' se of the mean | spread from "
+             f"training |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    seed_rows = []
+    for imbalance in args.imbalance:
+        runs_a, runs_b = _runs(imbalance, a), _runs(imbalance, b)
+        seeds = sorted(set(runs_a) & set(runs_b))
+        if len(seeds) < 2:
+            continue
+        cfg = config_for(a, imbalance, seeds[0])  # the seed changes only the weights
+        test_cfg = config_for(a, imbalance, seeds[0])
+        test_cfg.data.val_per_class = 0  # the official test set, as test_metrics reads it
+        test = build_data(test_cfg).val
+        sets = {"test": (torch.stack([test[i][0] for i in range(len(test))]),
+                         torch.as_tensor(test.labels).long())}
+        images, labels, counts = holdout_data(cfg)
+        sets["holdout"] = (images, labels)
+        groups = many_medium_few_groups(counts)
+        tail = "few" if bool(torch.as_tensor(groups.masks["few"]).any()) else "medium"
+        members = {"overall": torch.arange(10),
+                   tail: torch.as_tensor(groups.masks[tail]).nonzero().flatten()}
+        model_a = build_job(cfg, torch.device("cpu")).model
+        model_b = build_job(config_for(b, imbalance, seeds[0]), torch.device("cpu")).model
+        for name, (x, y) in sets.items():
+            results = {group: [] for group in members}
+            for seed in seeds:
+                pa = predictions(runs_a[seed], name, model_a, x)
+                pb = predictions(runs_b[seed], name, model_b, x)
+                for group, classes in members.items():
+                    res = paired_accuracy(pa, pb, y, classes)
+                    results[group].append(res)
+                    seed_rows.append(f"| {imbalance:g} | {name} | {seed} | {group} | "
+                                     f"{res[0]:.2f} | {res[1]:.2f} | {res[2]:+.2f} | "
+                                     f"{res[3]:.2f} |")
+            for group, res in results.items():
+                diffs = [r[2] for r in res]
+                eval_se = math.sqrt(statistics.mean(r[3] ** 2 for r in res))
+                train_sd = math.sqrt(max(statistics.variance(diffs) - eval_se ** 2, 0.0))
+                # the mean over the seeds, re-drawn images: each image's seed-averaged
+                # difference is one draw
+                per_image = torch.stack([r[4] for r in res]).mean(0)
+                mean_se = 100 * float(per_image.std()) / math.sqrt(per_image.numel())
+                lines.append(f"| {imbalance:g} | {name} | {len(seeds)} | {group} | "
+                             f"{statistics.mean(r[0] for r in res):.2f} | "
+                             f"{statistics.mean(r[1] for r in res):.2f} | "
+                             + " | ".join(_paired(diffs)) + f" | {eval_se:.2f} | "
+                             f"{mean_se:.2f} | {train_sd:.2f} |")
+    lines += ["", "Seed by seed:", "",
+              f"| imbalance | set | seed | group | {a} | {b} | difference | evaluation se |",
+              "|---|---|---|---|---|---|---|---|"] + seed_rows
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"holdout_{a}_{b}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def cmd_screen(args) -> int:
     """Validation accuracy of several settings on the same seeds, and each setting's paired
     difference in overall accuracy from the first tag's (``screen_NAME.md``; the validation
@@ -595,6 +757,12 @@ def main(argv=None) -> int:
                    choices=list(SETTINGS))
     p.add_argument("--deltas", type=float, nargs="+", default=DELTAS)
     p.set_defaults(func=cmd_posthoc)
+    p = sub.add_parser("holdout", help="two final settings on the test set and on the "
+                                       "extra held-out images, with the evaluation noise")
+    p.add_argument("--imbalance", type=float, nargs="+", default=[100.0, 10.0])
+    p.add_argument("--tags", nargs=2, default=["mass_rec1_bal05", "bs"],
+                   choices=list(SETTINGS))
+    p.set_defaults(func=cmd_holdout)
     p = sub.add_parser("screen", help="validation accuracy of several settings on the same "
                                       "seeds, paired against the first")
     p.add_argument("--name", required=True, help="writes screen_NAME.md")

@@ -124,9 +124,17 @@ def test_beyond_cls_screening_reads_validation_only_and_lag_reads_the_margins(tm
                                                                               monkeypatch):
     """benchmarks/beyond_cls.py on 1-epoch runs of real Fashion-MNIST-LT: `paired --splits
     validation` (a setting being screened) leaves the test set unread; `paired` reads it once
-    per run; `posthoc` reads the validation split only; `lag` finds balanced softmax's margins
-    at exactly the log prior and the mass indicator's away from it."""
+    per run; `posthoc` reads the validation split only; `holdout` is refused until the test
+    set has been read, then reports the pipeline's own test accuracies and, on 4,500 images
+    per class outside training and validation, the McNemar standard error; `lag` finds
+    balanced softmax's margins at exactly the log prior and the mass indicator's away from it."""
+    import json
+
+    import numpy as np
+    import torch
+
     from eqlosses.data.idx import find_fashion_mnist
+    from eqlosses.tasks.classification import build_data
 
     try:
         find_fashion_mnist(None)
@@ -171,9 +179,41 @@ def test_beyond_cls_screening_reads_validation_only_and_lag_reads_the_margins(tm
     table = (tmp_path / "paired_mass_bs.md").read_text()
     assert "--splits validation" in table and "| 10 | validation | 2 | overall |" in table
     assert "| test |" not in table
+    # the extra held-out images are a second test set: refused while the test set is unread
+    with pytest.raises(SystemExit, match="test set has not been read"):
+        beyond_cls.main(["holdout", "--tags", "mass", "bs", "--imbalance", "10"])
     assert beyond_cls.main(["paired", "--tags", "mass", "bs", "--imbalance", "10"]) == 0
     assert len(list(runs.glob("*/test_metrics.json"))) == 4
     assert "| 10 | test | 2 | overall |" in (tmp_path / "paired_mass_bs.md").read_text()
+    # holdout: on the test set the pipeline's own accuracies; on the held-out set 4,500
+    # images per class, none of them a training or validation image
+    assert beyond_cls.main(["holdout", "--tags", "mass", "bs", "--imbalance", "10"]) == 0
+    rows = {(r[1], r[2], r[3]): r for r in (line.split(" | ") for line in
+            (tmp_path / "holdout_mass_bs.md").read_text().splitlines()
+            if line.startswith("| 10 |"))}
+    for seed in (0, 1):
+        row = rows[("test", str(seed), "overall")]
+        for tag, col in (("mass", 4), ("bs", 5)):
+            top1 = json.loads((runs / f"r10-{tag}-s{seed}" / "test_metrics.json").read_text())
+            assert float(row[col]) == pytest.approx(100 * top1["top1"], abs=0.006)
+        assert float(row[6]) == pytest.approx(float(row[4]) - float(row[5]), abs=0.011)
+    held, keep, val, _, y = beyond_cls.holdout_indices(small("bs", 10, 0))
+    # the evaluation se from the discordant pairs: b images only mass gets right, c only bs
+    truth = torch.as_tensor(y[held])
+    for seed in (0, 1):
+        hit = {tag: torch.load(runs / f"r10-{tag}-s{seed}" / "holdout_pred.pt") == truth
+               for tag in ("mass", "bs")}
+        b = int((hit["mass"] & ~hit["bs"]).sum())
+        c = int((hit["bs"] & ~hit["mass"]).sum())
+        n = 45000
+        se = 100 * ((b + c) / n ** 2 - (b - c) ** 2 / n ** 3) ** 0.5
+        row = rows[("holdout", str(seed), "overall")]
+        assert float(row[7].rstrip(" |")) == pytest.approx(se, abs=0.006)
+        assert float(row[6]) == pytest.approx(100 * (b - c) / n, abs=0.006)
+    assert np.bincount(y[held]).tolist() == [4500] * 10 and len(set(held)) == len(held)
+    assert not set(held) & set(keep) and not set(held) & set(val)
+    data = build_data(small("bs", 10, 0))  # the pipeline trains on keep, validates on val
+    assert len(data.train) == len(keep) and len(data.val) == len(val)
     assert beyond_cls.main(["lag", "--imbalance", "10", "--tags", "bs", "mass",
                             "--steps", "1", "5"]) == 0
     rows = {line.split(" | ")[1]: line for line in (tmp_path / "lag.md").read_text()
