@@ -225,6 +225,14 @@ def test_metrics(run: Path) -> Dict[str, Any]:
     return metrics
 
 
+def write_table(name: str, lines: List[str]) -> int:
+    """Write ``lines`` to ``OUT / name`` and print them; 0, the subcommand's exit status."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / name).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def _paired(diffs: List[float]) -> tuple:
     """Paired differences (at least two) as ("mean ± std", "k of n"), k the seeds at or
     above."""
@@ -359,10 +367,7 @@ def cmd_paired(args) -> int:
     lines += ["", "Seed by seed:", "",
               f"| imbalance | split | seed | group | {a} | {b} | difference |",
               "|---|---|---|---|---|---|---|"] + rows
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"paired_{a}_{b}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return write_table(f"paired_{a}_{b}.md", lines)
 
 
 def margins_against_prior(run: Path):
@@ -414,10 +419,7 @@ def cmd_lag(args) -> int:
                      for col in zip(*per_seed)]
             lines.append(f"| {imbalance:g} | {tag} | {','.join(map(str, sorted(runs)))} | "
                          + " | ".join(cells) + " |")
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "lag.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return write_table("lag.md", lines)
 
 
 def cmd_posthoc(args) -> int:
@@ -472,10 +474,7 @@ def cmd_posthoc(args) -> int:
             lines.append(f"| {imbalance:g} | {tag} | {','.join(map(str, sorted(runs)))} | "
                          f"{np.mean(slopes):.3f} ({min(slopes):.3f}-{max(slopes):.3f}) | "
                          + " | ".join(f"{m:.2f}" for m in mean) + " |")
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "posthoc.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return write_table("posthoc.md", lines)
 
 
 #: images per class in the extra held-out set: all that the head class has left of
@@ -627,10 +626,7 @@ def cmd_holdout(args) -> int:
     lines += ["", "Seed by seed:", "",
               f"| imbalance | set | seed | group | {a} | {b} | difference | evaluation se |",
               "|---|---|---|---|---|---|---|---|"] + seed_rows
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"holdout_{a}_{b}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return write_table(f"holdout_{a}_{b}.md", lines)
 
 
 def cmd_screen(args) -> int:
@@ -660,12 +656,9 @@ def cmd_screen(args) -> int:
             lines.append(f"| {imbalance:g} | {tag}: {SETTINGS[tag][2]} | "
                          f"{','.join(map(str, sorted(runs)))} | " + " | ".join(cells)
                          + f" | {vs} |")
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"screen_{args.name}.md").write_text("\n".join(lines) + "\n")
     if args.docs:
         replace_block(Path("docs/beyond-the-paper.md"), f"beyond:{args.name}", lines[2:])
-    print("\n".join(lines))
-    return 0
+    return write_table(f"screen_{args.name}.md", lines)
 
 
 def replace_block(doc: Path, tag: str, lines: List[str]) -> None:
