@@ -210,6 +210,16 @@ def _runs(imbalance: float, tag: str) -> Dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def _chosen(runs: Dict[int, Path], seeds) -> Dict[int, Path]:
+    """``runs`` restricted to ``seeds`` (all of them when ``seeds`` is None)."""
+    return runs if seeds is None else {s: r for s, r in runs.items() if s in seeds}
+
+
+def _seeds_flag(seeds) -> str:
+    """The ``--seeds`` part of a table's command (empty when every run was used)."""
+    return "" if seeds is None else " --seeds " + " ".join(map(str, seeds))
+
+
 def val_metrics(run: Path) -> Dict[str, Any]:
     """The run's validation metrics (what training wrote to ``metrics.json``)."""
     return json.loads((run / "metrics.json").read_text())["metrics"]
@@ -402,12 +412,13 @@ def cmd_lag(args) -> int:
     lines = ["Largest |margin - balanced softmax's| over the classes (nats), mean (min-max) "
              "over the seeds; `python benchmarks/beyond_cls.py lag --imbalance "
              + " ".join(f"{i:g}" for i in args.imbalance) + " --tags " + " ".join(args.tags)
-             + " --steps " + " ".join(map(str, args.steps)) + "`", "",
+             + " --steps " + " ".join(map(str, args.steps)) + _seeds_flag(args.seeds) + "`",
+             "",
              "| imbalance | setting | seeds | " + " | ".join(f"step {s}" for s in args.steps)
              + " |", "|---|---|---|" + "---|" * len(args.steps)]
     for imbalance in args.imbalance:
         for tag in args.tags:
-            runs = _runs(imbalance, tag)
+            runs = _chosen(_runs(imbalance, tag), args.seeds)
             if not runs:
                 continue
             per_seed = []
@@ -441,14 +452,14 @@ def cmd_posthoc(args) -> int:
              "`python benchmarks/beyond_cls.py posthoc --imbalance "
              + " ".join(f"{i:g}" for i in args.imbalance) + " --tags " + " ".join(args.tags)
              + ("" if deltas == DELTAS else " --deltas " + " ".join(f"{d:g}" for d in deltas))
-             + "`", "",
+             + _seeds_flag(args.seeds) + "`", "",
              "| imbalance | setting | seeds | bias slope | "
              + " | ".join(f"delta {d:+g}" for d in deltas) + " |",
              "|---|---|---|---|" + "---|" * len(deltas)]
     for imbalance in args.imbalance:
         images = None  # the validation split and counts: the same for every run of a ratio
         for tag in args.tags:
-            runs = _runs(imbalance, tag)
+            runs = _chosen(_runs(imbalance, tag), args.seeds)
             if not runs:
                 continue
             cfg = config_for(tag, imbalance, min(runs))  # the seed changes only the weights
@@ -741,6 +752,8 @@ def main(argv=None) -> int:
     p.add_argument("--imbalance", type=float, nargs="+", default=[10.0])
     p.add_argument("--tags", nargs="+", default=["mass"], choices=list(SETTINGS))
     p.add_argument("--steps", type=int, nargs="+", default=[20, 100, 300, 1000, 3000])
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="only these seeds (default: every finished run)")
     p.set_defaults(func=cmd_lag)
     p = sub.add_parser("posthoc", help="validation accuracy with the logits shifted by "
                                        "-delta log n after training, and the prior left in "
@@ -749,6 +762,8 @@ def main(argv=None) -> int:
     p.add_argument("--tags", nargs="+", default=["bs", "mass", "mass_rec1"],
                    choices=list(SETTINGS))
     p.add_argument("--deltas", type=float, nargs="+", default=DELTAS)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="only these seeds (default: every finished run)")
     p.set_defaults(func=cmd_posthoc)
     p = sub.add_parser("holdout", help="two final settings on the test set and on the "
                                        "extra held-out images, with the evaluation noise")

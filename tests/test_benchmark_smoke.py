@@ -220,6 +220,11 @@ def test_beyond_cls_screening_reads_validation_only_and_lag_reads_the_margins(tm
             .splitlines() if line.startswith("| 10 |")}
     assert rows["bs"].count("0.000 (0.000-0.000)") == 2
     assert "0.000 (0.000-0.000)" not in rows["mass"]
+    # --seeds restricts a diagnostic to the runs a committed table was made from
+    assert beyond_cls.main(["lag", "--imbalance", "10", "--tags", "mass", "--steps", "1",
+                            "--seeds", "1"]) == 0
+    text = (tmp_path / "lag.md").read_text()
+    assert "--seeds 1`" in text and "| 10 | mass | 1 |" in text
 
 
 def test_beyond_cls_sampled_settings_train_on_the_square_root_stream():
