@@ -235,6 +235,14 @@ def test_metrics(run: Path) -> Dict[str, Any]:
     return metrics
 
 
+def stacked(dataset) -> tuple:
+    """``(images [N, ...], labels [N])`` of an in-memory evaluation set, every item as the
+    pipeline's dataset gives it (normalised)."""
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    labels = torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])
+    return images, labels
+
+
 def write_table(name: str, lines: List[str]) -> int:
     """Write ``lines`` to ``OUT / name`` and print them; 0, the subcommand's exit status."""
     OUT.mkdir(parents=True, exist_ok=True)
@@ -465,8 +473,7 @@ def cmd_posthoc(args) -> int:
             cfg = config_for(tag, imbalance, min(runs))  # the seed changes only the weights
             if images is None:
                 data = build_data(cfg)
-                images = torch.stack([data.val[i][0] for i in range(len(data.val))])
-                labels = torch.as_tensor([int(data.val[i][1]) for i in range(len(data.val))])
+                images, labels = stacked(data.val)
                 log_n = torch.bincount(torch.as_tensor(data.train_labels),
                                        minlength=data.num_classes).double().log()
             model = build_job(cfg, torch.device("cpu")).model
@@ -515,18 +522,15 @@ def holdout_indices(cfg):
     return held, keep, val, x, y
 
 
-def holdout_data(cfg):
+def holdout_data(cfg, like):
     """``(images [N, 1, 28, 28], labels [N], train_counts [C])`` of the extra held-out set
-    (``holdout_indices``), normalised as the pipeline normalises its evaluation images."""
+    (``holdout_indices``), normalised as ``like``, one of the pipeline's evaluation sets."""
     from eqlosses.data.datasets import ArrayImageDataset
-    from eqlosses.tasks.classification import build_data
 
     held, keep, _, x, y = holdout_indices(cfg)
-    norm = build_data(cfg).val  # the pipeline's own normalisation
-    ds = ArrayImageDataset(x[held], y[held], mean=norm.mean, std=norm.std)
-    images = torch.stack([ds[i][0] for i in range(len(ds))])
-    counts = torch.bincount(torch.as_tensor(y[keep]), minlength=10)
-    return images, torch.as_tensor(y[held]).long(), counts
+    images, labels = stacked(ArrayImageDataset(x[held], y[held], mean=like.mean,
+                                               std=like.std))
+    return images, labels, torch.bincount(torch.as_tensor(y[keep]), minlength=10)
 
 
 def predictions(run: Path, split: str, model, images: torch.Tensor) -> torch.Tensor:
@@ -600,10 +604,8 @@ def cmd_holdout(args) -> int:
         test_cfg = config_for(a, imbalance, seeds[0])
         test_cfg.data.val_per_class = 0  # the official test set, as test_metrics reads it
         test = build_data(test_cfg).val
-        sets = {"test": (torch.stack([test[i][0] for i in range(len(test))]),
-                         torch.as_tensor(test.labels).long())}
-        images, labels, counts = holdout_data(cfg)
-        sets["holdout"] = (images, labels)
+        images, labels, counts = holdout_data(cfg, like=test)
+        sets = {"test": stacked(test), "holdout": (images, labels)}
         groups = many_medium_few_groups(counts)
         tail = "few" if bool(torch.as_tensor(groups.masks["few"]).any()) else "medium"
         members = {"overall": torch.arange(10),
@@ -646,8 +648,8 @@ def cmd_screen(args) -> int:
     split only, so it can screen settings the test set has not seen)."""
     ref, seeds = args.tags[0], args.seeds
     command = (f"python benchmarks/beyond_cls.py screen --name {args.name} --imbalance "
-               + " ".join(f"{i:g}" for i in args.imbalance) + " --seeds "
-               + " ".join(map(str, seeds)) + " --tags " + " ".join(args.tags))
+               + " ".join(f"{i:g}" for i in args.imbalance) + _seeds_flag(seeds)
+               + " --tags " + " ".join(args.tags))
     lines = [f"Validation accuracy (%), mean ± std over the seeds listed; the last column is "
              f"the paired difference in overall accuracy from `{ref}`, mean ± std (seeds at or "
              f"above). `{command}`", "",
@@ -656,7 +658,7 @@ def cmd_screen(args) -> int:
     for imbalance in args.imbalance:
         base = _runs(imbalance, ref)
         for tag in args.tags:
-            runs = {s: r for s, r in _runs(imbalance, tag).items() if s in seeds}
+            runs = _chosen(_runs(imbalance, tag), seeds)
             if not runs:
                 continue
             metrics = {s: val_metrics(r) for s, r in runs.items()}
